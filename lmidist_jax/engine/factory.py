@@ -1,0 +1,154 @@
+"""Builds an LLMEngine from an EngineConfig: resolve and load the model, size the KV
+cache, compile the step buckets."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+
+from .. import parallel
+from ..models.loader import load_model
+from ..models.spec import spec_from_hf_config
+from .llm_engine import LLMEngine
+from .model_runner import ModelRunner, kv_cache_bytes_per_block
+
+logger = logging.getLogger("lmidist_jax")
+
+CPU_DEFAULT_KV_CACHE_GB = 1.0
+
+
+class EngineConfigError(ValueError):
+    pass
+
+
+def load_tokenizer(model_dir):
+    import os
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any(os.path.exists(os.path.join(model_dir, n)) for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEngine:
+    from converters.checkpoint import iter_checkpoint_tensors, load_config, parse_dtype, resolve_model_dir
+    from converters.weight_maps import map_tensors
+    from ..model_store import DEFAULT_MODEL
+
+    start = time.perf_counter()
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    model_dir = resolve_model_dir(config.model_id or DEFAULT_MODEL, config.revision)
+    hf_config = load_config(model_dir)
+    spec = spec_from_hf_config(hf_config)
+    dtype = jnp.dtype(parse_dtype(config.dtype, hf_config))
+
+    max_model_len = config.max_model_len or spec.max_model_len
+    if max_model_len > spec.max_model_len:
+        raise EngineConfigError(
+            f"max_model_len={max_model_len} exceeds the model's limit of {spec.max_model_len} tokens "
+            f"(max_position_embeddings with rope scaling)")
+    mesh = parallel.make_mesh(config.tensor_parallel_degree)
+    tensors = iter_checkpoint_tensors(model_dir, config.load_format, progress=progress)
+    model = load_model(spec, map_tensors(spec.architecture, tensors), dtype=dtype, mesh=mesh,
+                       max_model_len=max_model_len)
+    load_time = time.perf_counter() - start
+    tokenizer = load_tokenizer(model_dir)
+    engine = engine_for_model(model, tokenizer, config, max_model_len=max_model_len,
+                              warmup=warmup, progress=progress)
+    logger.info("model %s loaded in %.1f s, ready in %.1f s", model_dir, load_time,
+                time.perf_counter() - start)
+    return engine
+
+
+def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bool = True,
+                     progress: bool = True) -> LLMEngine:
+    """Sizes the KV cache for an already-loaded model, compiles, and returns the engine."""
+    spec = model.spec
+    block_size = config.block_size
+    max_num_seqs = config.max_rolling_batch_size
+    max_num_batched_tokens = config.max_rolling_batch_prefill_tokens or max_model_len
+    num_blocks = _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_tokens)
+    min_blocks = math.ceil(max_model_len / block_size) + 1
+    if num_blocks < min_blocks:
+        raise EngineConfigError(
+            f"the KV cache holds {num_blocks} blocks of {block_size} tokens, fewer than one "
+            f"max_model_len={max_model_len} sequence needs ({min_blocks}); lower max_model_len "
+            f"or give the cache more memory (num_kv_blocks / kv_cache_memory_gb / gpu_memory_utilization)")
+    backend = _attention_backend(config.attention_backend)
+    runner = ModelRunner(model, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                         backend=backend, max_logprobs=config.max_logprobs,
+                         enforce_eager=config.enforce_eager)
+    if warmup:
+        t = time.perf_counter()
+        runner.warmup(progress=progress)
+        logger.info("compiled %d step buckets in %.1f s", runner.num_compiled_steps, time.perf_counter() - t)
+    return LLMEngine(runner, tokenizer, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                     max_num_batched_tokens=max_num_batched_tokens,
+                     enable_prefix_caching=config.enable_prefix_caching,
+                     max_logprobs=config.max_logprobs, eos_token_ids=spec.eos_token_ids,
+                     seed=config.seed)
+
+
+def _attention_backend(requested: str) -> str:
+    platform = jax.devices()[0].platform
+    try:
+        from pallas_kernels import select_backend
+    except ImportError:
+        return "xla"
+    return select_backend(platform, requested)
+
+
+def _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_tokens) -> int:
+    per_block = kv_cache_bytes_per_block(model.spec, config.block_size, model.dtype)
+    if config.num_kv_blocks:
+        return config.num_kv_blocks
+    if config.kv_cache_memory_gb:
+        return int(config.kv_cache_memory_gb * 2**30 // per_block)
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        # CPU: no meaningful device memory. Enough for every sequence at full length,
+        # capped at CPU_DEFAULT_KV_CACHE_GB.
+        wanted = max_num_seqs * math.ceil(max_model_len / config.block_size) + 1
+        cap = int(CPU_DEFAULT_KV_CACHE_GB * 2**30 // per_block)
+        return max(min(wanted, cap), math.ceil(max_model_len / config.block_size) + 1)
+    # Accelerator: utilization x capacity - weights (already resident) - activation peak.
+    limit = stats["bytes_limit"]
+    in_use = stats.get("bytes_in_use", 0)
+    activation = _activation_peak_bytes(model, config, max_model_len, max_num_seqs, max_num_batched_tokens)
+    free = config.gpu_memory_utilization * limit - in_use - activation
+    # The pool is split across the TP devices by KV heads: each holds 1/tp of a block.
+    num = int(free * config.tensor_parallel_degree // per_block)
+    logger.info("device memory %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> %d KV blocks",
+                limit / 2**30, in_use / 2**30, activation / 2**30, num)
+    return max(num, 0)
+
+
+def _activation_peak_bytes(model, config, max_model_len, max_num_seqs, max_num_batched_tokens) -> int:
+    """Temporary memory of the largest step, measured from its compiled form with a
+    small stand-in cache (the temporaries do not grow with the pool)."""
+    probe = ModelRunner(model, block_size=config.block_size,
+                        num_blocks=math.ceil(max_model_len / config.block_size) + 1,
+                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        max_model_len=max_model_len, backend=_attention_backend(config.attention_backend),
+                        max_logprobs=config.max_logprobs)
+    peak = 0
+    for T, S, decode_only in (probe.warmup_shapes()[-1], (probe.seq_buckets[-1],) * 2 + (True,)):
+        batch = probe._dummy_batch(T, S, decode_only)
+        compiled = probe._step.lower(model.state, probe.kv_caches, probe.prompt_mask,
+                                     probe.output_counts, batch).compile()
+        analysis = compiled.memory_analysis()
+        if analysis is not None:
+            peak = max(peak, int(analysis.temp_size_in_bytes))
+    del probe
+    return peak

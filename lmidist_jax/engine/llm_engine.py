@@ -1,0 +1,269 @@
+"""The rolling-batch engine: requests in, one ``step()`` at a time
+(schedule -> run -> postprocess), per-request outputs out."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import time
+from typing import Sequence as Seq
+
+import numpy as np
+
+from ..outputs import CompletionOutput, RequestOutput, TokenLogprob
+from ..sampling_params import RequestError, SamplingParams
+from .block_manager import BlockManager
+from .detokenizer import Detokenizer, find_stop, streamable_length
+from .model_runner import ModelRunner
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import Request, Sequence, SequenceStatus
+
+logger = logging.getLogger("lmidist_jax")
+
+
+@dataclasses.dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_computed_prompt_tokens: int = 0  # prompt tokens actually run (cache hits excluded)
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+    host_time: float = 0.0    # packing batches on the host
+    device_time: float = 0.0  # waiting for the device
+    schedule_time: float = 0.0
+    postprocess_time: float = 0.0
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, tokenizer, *, max_model_len: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, enable_prefix_caching: bool = False,
+                 max_logprobs: int = 20, eos_token_ids: Seq[int] = (), seed: int = 0):
+        self.runner = runner
+        self.spec = runner.spec
+        self.tokenizer = tokenizer
+        self.detokenizer = Detokenizer(tokenizer)
+        self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs
+        self.eos_token_ids = set(eos_token_ids)
+        self.block_manager = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        self._finished_outputs: list[RequestOutput] = []
+        self._rng = random.Random(seed)
+        self._next_seq_id = 0
+
+    # -- construction --------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config, *, warmup: bool = True, progress: bool = True) -> "LLMEngine":
+        from .factory import build_engine
+
+        return build_engine(config, warmup=warmup, progress=progress)
+
+    # -- requests ------------------------------------------------------------------
+
+    def encode(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: pass the prompt as a list of token ids")
+            if not prompt:
+                raise RequestError("the prompt is empty")
+            return prompt, list(self.tokenizer.encode(prompt))
+        ids = list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.spec.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab:
+                raise RequestError(f"prompt token id {t!r} is not an integer in [0, {vocab})")
+        text = None
+        return text, [int(t) for t in ids]
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {n} tokens, but max_model_len is {self.max_model_len} "
+                f"(prompt + generated tokens must fit; at most {self.max_model_len - 1} prompt tokens)")
+        if params.top_n_tokens > self.max_logprobs:
+            raise RequestError(f"top_n_tokens={params.top_n_tokens} exceeds max_logprobs={self.max_logprobs}")
+
+    def add_request(self, request_id: str, prompt: str | Seq[int],
+                    sampling_params: SamplingParams | None = None) -> Request:
+        """Queue a request. Raises RequestError (and changes nothing) if it is invalid."""
+        params = sampling_params or SamplingParams()
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        text, ids = self.encode(prompt)
+        self.validate(ids, params)
+        request = Request(request_id, text, ids, params)
+        base_seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
+        for i in range(params.num_samples):
+            seq = Sequence(self._next_seq_id, request, i, list(ids), seed=(base_seed + i) % 2**32)
+            self._next_seq_id += 1
+            request.sequences.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks. Returns False if it is unknown or done."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        request.aborted = True
+        for seq in request.sequences:
+            if not seq.is_finished:
+                self._finish(seq, "abort")
+        self._finished_outputs.append(self._request_output(request, {}))
+        del self.requests[request_id]
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._finished_outputs)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- the step ------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run on the device, postprocess. Returns outputs of every request
+        that produced tokens or finished in this step."""
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        self.stats.num_preemptions += len(sched.preempted)
+        outputs, self._finished_outputs = self._finished_outputs, []
+        if not sched.scheduled:
+            return outputs
+        t1 = time.perf_counter()
+        samples = [item.samples for item in sched.scheduled]
+        for item in sched.scheduled:
+            seq = item.seq
+            prompt_end = max(0, min(seq.num_prompt_tokens, seq.num_computed_tokens + item.num_new_tokens)
+                             - seq.num_computed_tokens)
+            self.stats.num_computed_prompt_tokens += prompt_end
+        result = self.runner.execute(sched)
+        self.scheduler.after_step(sched)
+        t2 = time.perf_counter()
+        outputs.extend(self._postprocess(sched, result, samples))
+        t3 = time.perf_counter()
+        st = self.stats
+        st.num_steps += 1
+        st.schedule_time += t1 - t0
+        st.host_time += result.host_time
+        st.device_time += result.device_time
+        st.postprocess_time += t3 - t2
+        return outputs
+
+    def _postprocess(self, sched: SchedulerOutput, result, samples) -> list[RequestOutput]:
+        now = time.monotonic()
+        new_tokens: dict[str, dict[int, list]] = {}
+        for i, item in enumerate(sched.scheduled):
+            seq = item.seq
+            if not samples[i] or seq.is_finished:
+                continue
+            token = int(result.token_ids[i])
+            request = seq.request
+            params = request.sampling_params
+            if request.first_token_time is None:
+                request.first_token_time = now
+            seq.token_ids.append(token)
+            self.stats.num_generated_tokens += 1
+            logprob = float(result.logprobs[i])
+            seq.cumulative_logprob += logprob
+            entry = None
+            if params.logprobs or params.top_n_tokens:
+                top = [(int(t), float(lp), self._token_text(int(t)))
+                       for t, lp in zip(result.top_ids[i][:params.top_n_tokens],
+                                        result.top_logprobs[i][:params.top_n_tokens])]
+                entry = TokenLogprob(token, logprob, self._token_text(token), top)
+                seq.output_logprobs.append(entry)
+            new_tokens.setdefault(request.request_id, {}).setdefault(seq.index, []).append(
+                (token, entry))
+            self._check_stop(seq, token)
+
+        outputs = []
+        for request_id, per_seq in new_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            outputs.append(self._request_output(request, per_seq))
+            if request.is_finished:
+                request.finish_time = now
+                del self.requests[request_id]
+        return outputs
+
+    def _token_text(self, token: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.request.sampling_params
+        if token in self.eos_token_ids and not params.ignore_eos:
+            return self._finish(seq, "eos_token")
+        if token in params.stop_token_ids:
+            return self._finish(seq, "stop_sequence")
+        previous_len = len(seq.text)
+        self.detokenizer.append(seq)
+        cut = find_stop(seq, previous_len)
+        if cut is not None:
+            seq.text = seq.text[:cut]
+            return self._finish(seq, "stop_sequence")
+        if seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.status = SequenceStatus.FINISHED
+        self.scheduler.finish(seq)
+
+    def _request_output(self, request: Request, per_seq: dict[int, list]) -> RequestOutput:
+        seqs = request.sequences
+        params = request.sampling_params
+        finished = request.is_finished
+        if finished and params.best_of and params.best_of > params.n:
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:params.n]
+        elif len(seqs) > params.n:
+            seqs = seqs[:params.n]
+        completions = [
+            CompletionOutput(index=i, text=s.text, token_ids=s.output_token_ids,
+                             finish_reason=s.finish_reason,
+                             logprobs=list(s.output_logprobs) if (params.logprobs or params.top_n_tokens) else None,
+                             cumulative_logprob=s.cumulative_logprob)
+            for i, s in enumerate(seqs)]
+        # Streaming deltas follow the first sequence.
+        first = request.sequences[0]
+        new = per_seq.get(0, [])
+        emit_to = streamable_length(first)
+        delta = first.text[first.emitted_text_len:emit_to]
+        first.emitted_text_len = max(first.emitted_text_len, emit_to)
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids, outputs=completions, finished=finished,
+            new_token_ids=[t for t, _ in new], text_delta=delta,
+            new_logprobs=[e for _, e in new if e is not None],
+            error=request.error)
+
+    # -- convenience -----------------------------------------------------------------
+
+    def run_until_done(self) -> list[RequestOutput]:
+        finals: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                if out.finished:
+                    finals[out.request_id] = out
+        return list(finals.values())
+
+
+def default_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")

@@ -1,0 +1,257 @@
+"""Runs one scheduler step on the device: packs a fixed-shape batch, calls ONE
+jitted step (model + sampling) with the KV cache donated, returns sampled tokens.
+
+Shapes are bucketed so that every step after warm-up reuses a compiled graph
+("CUDA graphs" in JAX):
+  * decode steps (every sequence has one new token): S = T = a sequence bucket;
+  * mixed / prefill steps: T = a token bucket, S = min(T, largest sequence bucket).
+Block tables always have max_model_len / block_size columns; the attention kernels
+only read the blocks a sequence uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from .. import parallel
+from ..models.attention import AttentionMetadata
+from ..models.loader import LoadedModel
+from .sampler import SampleOutput, SamplingBatch, sample
+from .scheduler import SchedulerOutput
+
+logger = logging.getLogger("lmidist_jax")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepBatch:
+    input_ids: jax.Array        # [T] i32
+    token_is_output: jax.Array  # [T] bool: generated (vs prompt) token, for penalty counts
+    token_slots: jax.Array      # [T] i32 penalty-count row of each token (trash row for padding)
+    md: AttentionMetadata
+    slots: jax.Array            # [S] i32 penalty-count row of each sequence (trash row for padding)
+    reset_slots: jax.Array      # [S] i32 rows to clear before this step (trash row = none)
+    sampling: SamplingBatch
+
+
+@dataclasses.dataclass
+class ModelRunnerOutput:
+    token_ids: np.ndarray      # [num_scheduled]
+    logprobs: np.ndarray       # [num_scheduled]
+    top_ids: np.ndarray        # [num_scheduled, K]
+    top_logprobs: np.ndarray   # [num_scheduled, K]
+    host_time: float
+    device_time: float
+
+
+def _pow2_buckets(limit: int, start: int = 1) -> list[int]:
+    buckets, b = [], start
+    while b < limit:
+        buckets.append(b)
+        b *= 2
+    buckets.append(limit)
+    return buckets
+
+
+def _bucket(value: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if b >= value:
+            return b
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+
+class ModelRunner:
+    def __init__(self, model: LoadedModel, *, block_size: int, num_blocks: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, backend: str = "xla",
+                 max_logprobs: int = 20, enforce_eager: bool = False):
+        self.model = model
+        self.spec = model.spec
+        self.mesh = model.mesh
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.backend = backend
+        self.num_top_logprobs = max_logprobs
+        self.enforce_eager = enforce_eager
+        self.trash_slot = max_num_seqs
+        self.seq_buckets = _pow2_buckets(max_num_seqs)
+        self.token_buckets = _pow2_buckets(max_num_batched_tokens, start=16)
+        self.num_compiled_steps = 0
+
+        self.kv_caches = self._allocate_kv_cache()
+        vocab = self.spec.vocab_size
+        rep = parallel.replicated(self.mesh)
+        self.prompt_mask = jax.device_put(np.zeros((max_num_seqs + 1, vocab), np.bool_), rep)
+        self.output_counts = jax.device_put(np.zeros((max_num_seqs + 1, vocab), np.int32), rep)
+
+        graphdef = model.graphdef
+        num_top = self.num_top_logprobs
+
+        def step_fn(state, kv_caches, prompt_mask, output_counts, batch: StepBatch):
+            module = nnx.merge(graphdef, state)
+            hidden, kv_caches = module(batch.input_ids, kv_caches, batch.md)
+            # Penalty bookkeeping: clear rows of newly placed sequences, then count this
+            # step's input tokens (prompt tokens in the mask, generated ones in counts).
+            prompt_mask = prompt_mask.at[batch.reset_slots].set(False)
+            output_counts = output_counts.at[batch.reset_slots].set(0)
+            token_slots = batch.token_slots
+            trash = prompt_mask.shape[0] - 1
+            prompt_rows = jnp.where(batch.token_is_output, trash, token_slots)
+            output_rows = jnp.where(batch.token_is_output, token_slots, trash)
+            prompt_mask = prompt_mask.at[prompt_rows, batch.input_ids].set(True)
+            output_counts = output_counts.at[output_rows, batch.input_ids].add(1)
+            logits = module.logits(hidden[batch.md.logits_indices])
+            out = sample(logits, prompt_mask[batch.slots], output_counts[batch.slots],
+                         batch.sampling, num_top)
+            return kv_caches, prompt_mask, output_counts, out
+
+        self._step = jax.jit(step_fn, donate_argnums=(1, 2, 3))
+
+    # -- KV cache ------------------------------------------------------------------
+
+    def _allocate_kv_cache(self):
+        spec = self.spec
+        shape = (spec.num_kv_heads, self.num_blocks, self.block_size, spec.head_dim)
+        sharding = NamedSharding(self.mesh, parallel.partition_spec(("kv_heads", None, None, None), shape, self.mesh))
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.model.dtype), out_shardings=sharding)
+        caches = [(zeros(), zeros()) for _ in range(spec.num_layers)]
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks,
+                    self.block_size, (self.num_blocks - 1) * self.block_size,
+                    kv_cache_bytes_per_block(spec, self.block_size, self.model.dtype) * self.num_blocks / 2**30)
+        return caches
+
+    # -- batch packing -------------------------------------------------------------
+
+    def shapes_for(self, num_tokens: int, num_seqs: int, decode_only: bool) -> tuple[int, int]:
+        if self.enforce_eager:
+            return num_tokens, num_seqs
+        if decode_only:
+            s = _bucket(num_seqs, self.seq_buckets)
+            return s, s
+        t = _bucket(num_tokens, self.token_buckets)
+        return t, min(t, self.seq_buckets[-1])
+
+    def _pack(self, sched: SchedulerOutput) -> StepBatch:
+        items = sched.scheduled
+        decode_only = sched.is_decode_only
+        T, S = self.shapes_for(sched.num_tokens, len(items), decode_only)
+        bs = self.block_size
+        input_ids = np.zeros(T, np.int32)
+        positions = np.zeros(T, np.int32)
+        slot_mapping = np.zeros(T, np.int32)  # padding writes into trash block 0
+        token_seq_ids = np.full(T, S - 1, np.int32)
+        token_is_output = np.zeros(T, np.bool_)
+        token_slots = np.full(T, self.trash_slot, np.int32)
+        block_tables = np.zeros((S, self.max_blocks_per_seq), np.int32)
+        seq_lens = np.zeros(S, np.int32)
+        logits_indices = np.zeros(S, np.int32)
+        slots = np.full(S, self.trash_slot, np.int32)
+        reset_slots = np.full(S, self.trash_slot, np.int32)
+        temperature = np.zeros(S, np.float32)
+        top_k = np.zeros(S, np.int32)
+        top_p = np.ones(S, np.float32)
+        min_p = np.zeros(S, np.float32)
+        rep = np.ones(S, np.float32)
+        presence = np.zeros(S, np.float32)
+        frequency = np.zeros(S, np.float32)
+        seeds = np.zeros(S, np.uint32)
+        sample_index = np.zeros(S, np.int32)
+
+        t = 0
+        for row, item in enumerate(items):
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            pos = np.arange(start, start + n, dtype=np.int32)
+            blocks = np.asarray(seq.block_ids, np.int32)
+            input_ids[t:t + n] = seq.token_ids[start:start + n]
+            positions[t:t + n] = pos
+            slot_mapping[t:t + n] = blocks[pos // bs] * bs + pos % bs
+            token_seq_ids[t:t + n] = row
+            token_is_output[t:t + n] = pos >= seq.num_prompt_tokens
+            block_tables[row, :len(blocks)] = blocks
+            seq_lens[row] = start + n
+            logits_indices[row] = t + n - 1
+            slots[row] = seq.slot
+            token_slots[t:t + n] = seq.slot
+            if seq.needs_slot_reset:
+                reset_slots[row] = seq.slot
+                seq.needs_slot_reset = False
+            p = seq.request.sampling_params
+            temperature[row] = p.temperature
+            top_k[row] = p.top_k
+            top_p[row] = p.top_p
+            min_p[row] = p.min_p
+            rep[row] = p.repetition_penalty
+            presence[row] = p.presence_penalty
+            frequency[row] = p.frequency_penalty
+            seeds[row] = seq.seed
+            sample_index[row] = seq.num_output_tokens
+            t += n
+
+        md = AttentionMetadata(
+            positions=positions, slot_mapping=slot_mapping, token_seq_ids=token_seq_ids,
+            block_tables=block_tables, seq_lens=seq_lens, logits_indices=logits_indices,
+            decode_only=decode_only, backend=self.backend)
+        sampling = SamplingBatch(temperature, top_k, top_p, min_p, rep, presence, frequency, seeds, sample_index)
+        return StepBatch(input_ids, token_is_output, token_slots, md, slots, reset_slots, sampling)
+
+    # -- execution -----------------------------------------------------------------
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        t0 = time.perf_counter()
+        batch = self._pack(sched)
+        t1 = time.perf_counter()
+        out = self._run(batch)
+        n = len(sched.scheduled)
+        token_ids = np.asarray(out.token_ids)[:n]  # blocks until the device is done
+        t2 = time.perf_counter()
+        return ModelRunnerOutput(token_ids, np.asarray(out.logprobs)[:n], np.asarray(out.top_ids)[:n],
+                                 np.asarray(out.top_logprobs)[:n], host_time=t1 - t0, device_time=t2 - t1)
+
+    def _run(self, batch: StepBatch) -> SampleOutput:
+        self.kv_caches, self.prompt_mask, self.output_counts, out = self._step(
+            self.model.state, self.kv_caches, self.prompt_mask, self.output_counts, batch)
+        return out
+
+    def warmup_shapes(self) -> list[tuple[int, int, bool]]:
+        shapes = [(s, s, True) for s in self.seq_buckets]
+        shapes += [(t, min(t, self.seq_buckets[-1]), False) for t in self.token_buckets]
+        return shapes
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every bucket by running it once on padding (writes go to trash block 0)."""
+        if self.enforce_eager:
+            return
+        from tqdm.auto import tqdm
+
+        for T, S, decode_only in tqdm(self.warmup_shapes(), desc="compiling buckets", disable=not progress):
+            batch = self._dummy_batch(T, S, decode_only)
+            jax.block_until_ready(self._run(batch))
+            self.num_compiled_steps += 1
+
+    def _dummy_batch(self, T: int, S: int, decode_only: bool) -> StepBatch:
+        z = lambda n, dt=np.int32: np.zeros(n, dt)  # noqa: E731
+        md = AttentionMetadata(
+            positions=z(T), slot_mapping=z(T), token_seq_ids=z(T),
+            block_tables=np.zeros((S, self.max_blocks_per_seq), np.int32), seq_lens=z(S),
+            logits_indices=z(S), decode_only=decode_only, backend=self.backend)
+        sampling = SamplingBatch(z(S, np.float32), z(S), np.ones(S, np.float32), z(S, np.float32),
+                                 np.ones(S, np.float32), z(S, np.float32), z(S, np.float32),
+                                 z(S, np.uint32), z(S))
+        trash = np.full(S, self.trash_slot, np.int32)
+        return StepBatch(z(T), z(T, np.bool_), np.full(T, self.trash_slot, np.int32), md, trash, trash, sampling)
+
+
+def kv_cache_bytes_per_block(spec, block_size: int, dtype) -> int:
+    return 2 * spec.num_layers * spec.num_kv_heads * block_size * spec.head_dim * jnp.dtype(dtype).itemsize

@@ -1,0 +1,147 @@
+"""The phase-free scheduler: every sequence has ``num_computed_tokens``; a step gives
+each scheduled sequence a number of new tokens under a token budget and a sequence
+cap. One rule covers prefill, chunked prefill, decode and prefix-cache hits.
+
+FCFS. When KV blocks run out, the newest running sequence is preempted by recompute
+(its blocks are freed; it goes back to the front of the queue and later recomputes
+prompt + generated tokens). Nothing is ever dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclasses.dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int  # tokens token_ids[num_computed : num_computed + n] run this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step completes the sequence's known tokens, so its logits sample."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(s.num_new_tokens == 1 and s.samples for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_slots: int | None = None):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        # Device-side penalty-count rows, one per running sequence.
+        self._free_slots = list(range(num_slots if num_slots is not None else max_num_seqs))[::-1]
+
+    # -- queue management ------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.block_ids)
+        if seq.slot is not None:
+            self._free_slots.append(seq.slot)
+            seq.slot = None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # -- the scheduling rule -----------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted: list[Sequence] = []
+        bm = self.block_manager
+
+        # 1. Running sequences first, oldest first: decodes and unfinished prefill chunks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while bm.blocks_needed(seq.block_ids, seq.num_computed_tokens + n) > bm.num_free_blocks:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # seq itself was preempted: everything after it is gone too
+            bm.allocate(seq.block_ids, seq.num_computed_tokens + n)
+            scheduled.append(ScheduledSequence(seq, n))
+            budget -= n
+            i += 1
+
+        # 2. Waiting sequences, FCFS, when nothing had to be preempted this step.
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            if not seq.block_ids and seq.num_computed_tokens == 0:
+                cached = bm.match_prefix(seq.token_ids, seq.block_ids) if self._may_use_prefix_cache(seq) else 0
+                seq.num_computed_tokens = cached
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if bm.blocks_needed(seq.block_ids, seq.num_computed_tokens + n) > bm.num_free_blocks:
+                # Not enough room yet: give back any cached blocks it took and wait.
+                bm.free(seq.block_ids)
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            bm.allocate(seq.block_ids, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            seq.slot = self._free_slots.pop()
+            seq.needs_slot_reset = True
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, n))
+            budget -= n
+        return SchedulerOutput(scheduled, preempted)
+
+    @staticmethod
+    def _may_use_prefix_cache(seq: Sequence) -> bool:
+        # Penalties count prompt tokens on the device as they are computed; a prefix
+        # served from the cache would skip them, so such requests recompute.
+        return not seq.request.sampling_params.uses_penalties
+
+    def after_step(self, output: SchedulerOutput) -> None:
+        """Advance computed-token counts and publish newly full blocks to the prefix cache."""
+        for item in output.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(seq.token_ids, seq.block_ids, seq.num_computed_tokens)

@@ -1,0 +1,82 @@
+"""A request and its sequences (one per sample when n/best_of > 1), as the scheduler
+and the engine see them."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from ..outputs import TokenLogprob
+from ..sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One generated sequence. ``token_ids`` = prompt + output; the first
+    ``num_computed_tokens`` of them have their K/V in the cache."""
+
+    seq_id: int
+    request: "Request"
+    index: int  # sample index within the request
+    token_ids: list[int]
+    seed: int
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    # Detokenizer state.
+    text: str = ""
+    emitted_text_len: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
+    # Penalty-count slot on the device while running (None when waiting).
+    slot: int | None = None
+    needs_slot_reset: bool = True
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    sequences: list[Sequence] = dataclasses.field(default_factory=list)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    error: str | None = None
+    aborted: bool = False
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.sequences)

@@ -1,0 +1,110 @@
+"""The Python API: ``LLM(model_id, **options).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence as Seq
+
+from .outputs import CompletionOutput, RequestOutput
+from .sampling_params import RequestError, SamplingParams
+
+Prompt = str | Seq[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """An engine for offline use (notebooks, scripts, benchmarks).
+
+    ``model_id``: a local HF directory, an HF id already in the local HF cache, or a
+    known name ("smollm2", the default when None). ``options`` use the
+    serving.properties option names (``max_rolling_batch_size=8``, ``dtype="bf16"``...).
+    ``warmup=False`` compiles each step bucket on first use instead of up front
+    (faster start for one-off generations; the first steps are slower).
+    """
+
+    def __init__(self, model_id: str | None = None, *, warmup: bool = True, progress: bool = True,
+                 **options):
+        from .config import config_from_kwargs
+        from .engine.llm_engine import LLMEngine
+
+        self.config = config_from_kwargs(model_id, **options)
+        self.engine = LLMEngine.from_config(self.config, warmup=warmup, progress=progress)
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine(cls, engine) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.config = None
+        llm.engine = engine
+        llm._ids = itertools.count()
+        return llm
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for each prompt (a string, or a list of token ids). Returns one
+        RequestOutput per prompt, in order. An invalid prompt (too long, bad ids) gets
+        an output with ``error`` set and finish_reason "error"; the others run normally."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+
+        engine = self.engine
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for prompt, params in zip(prompts, params_list):
+            request_id = f"gen-{next(self._ids)}"
+            order.append(request_id)
+            try:
+                engine.add_request(request_id, prompt, params)
+            except RequestError as e:
+                results[request_id] = _error_output(request_id, prompt, str(e))
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc="generating", disable=not use_tqdm, unit="req")
+        bar.update(len(results))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished and out.request_id in order and out.request_id not in results:
+                    results[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [results[r] for r in order]
+
+    def chat(self, messages: Seq[Message] | Seq[Seq[Message]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} messages)
+        or to several, through the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, messages: Seq[Message], add_generation_prompt: bool = True) -> list[int]:
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise RequestError("this model has no chat template")
+        ids = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                      tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+
+def _error_output(request_id: str, prompt, message: str) -> RequestOutput:
+    return RequestOutput(
+        request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
+        prompt_token_ids=[] if isinstance(prompt, str) else list(prompt),
+        outputs=[CompletionOutput(index=0, text="", token_ids=[], finish_reason="error")],
+        finished=True, error=message)

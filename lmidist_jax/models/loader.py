@@ -1,0 +1,88 @@
+"""Builds a model: the NNX graph from its spec, and its parameters from a checkpoint
+(or random, for benchmarks at real sizes) placed straight onto the mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from .. import parallel
+from .decoder import DecoderModel
+from .spec import ModelSpec
+
+DTYPES = {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    spec: ModelSpec
+    graphdef: nnx.GraphDef
+    state: nnx.State  # parameters, placed on the mesh
+    dtype: jnp.dtype
+    mesh: Mesh
+
+    @property
+    def num_parameter_bytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self.state))
+
+    def module(self) -> DecoderModel:
+        return nnx.merge(self.graphdef, self.state)
+
+
+def abstract_model(spec: ModelSpec, dtype, max_model_len: int | None = None):
+    model = nnx.eval_shape(lambda: DecoderModel(spec, dtype=dtype, max_model_len=max_model_len))
+    return nnx.split(model)
+
+
+def _variables(state) -> dict[tuple, nnx.Variable]:
+    leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return {tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path): var for path, var in leaves}
+
+
+def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, np.ndarray]], *, dtype, mesh: Mesh,
+               max_model_len: int | None = None) -> LoadedModel:
+    """Places each mapped checkpoint tensor on the mesh as it arrives (host memory holds
+    one tensor at a time beyond what is already on the devices)."""
+    graphdef, state = abstract_model(spec, dtype, max_model_len)
+    variables = _variables(state)
+    filled = set()
+    for path, array in tensors:
+        if spec.tie_word_embeddings and path == ("lm_head", "kernel"):
+            continue  # tied: the embedding serves as the LM head
+        var = variables.get(path)
+        if var is None:
+            raise ValueError(f"checkpoint weight for {'.'.join(map(str, path))} has no place in the model")
+        if tuple(array.shape) != tuple(var.shape):
+            raise ValueError(f"checkpoint weight {'.'.join(map(str, path))} has shape {tuple(array.shape)}, "
+                             f"the model expects {tuple(var.shape)}")
+        sharding = parallel.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
+        var.set_value(jax.device_put(np.asarray(array).astype(var.dtype), sharding))
+        filled.add(path)
+    missing = sorted(set(variables) - filled)
+    if missing:
+        shown = ", ".join(".".join(map(str, p)) for p in missing[:8])
+        raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {shown}")
+    return LoadedModel(spec, graphdef, state, dtype, mesh)
+
+
+def random_model(spec: ModelSpec, *, dtype, mesh: Mesh, seed: int = 0,
+                 max_model_len: int | None = None) -> LoadedModel:
+    """Random weights of the right shapes, generated on the devices (no host copy): for
+    benchmarks of real-size models without their checkpoints."""
+    graphdef, state = abstract_model(spec, dtype, max_model_len)
+    key = jax.random.key(seed)
+    for i, (path, var) in enumerate(sorted(_variables(state).items(), key=lambda kv: str(kv[0]))):
+        sharding = parallel.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
+        is_norm = path[-1] == "scale"
+        init = jax.jit(
+            lambda k, shape=var.shape, dt=var.dtype, norm=is_norm: (
+                jnp.ones(shape, dt) if norm else (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dt)),
+            out_shardings=sharding)
+        var.set_value(init(jax.random.fold_in(key, i)))
+    return LoadedModel(spec, graphdef, state, dtype, mesh)

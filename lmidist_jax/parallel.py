@@ -1,0 +1,52 @@
+"""The device mesh and the logical-axis sharding rules.
+
+A mesh always exists (one device by default), so tensor parallelism is a config
+value: weights are placed by mapping each parameter's logical axes to mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+TP_AXIS = "tp"
+
+# Megatron-style tensor parallelism: q/k/v and gate/up column-parallel ("heads",
+# "kv_heads", "mlp" split), o and down row-parallel (their input axis split),
+# embedding and LM head vocab-parallel, norms replicated.
+LOGICAL_AXIS_RULES: dict[str, str | None] = {
+    "vocab": TP_AXIS,
+    "heads": TP_AXIS,
+    "kv_heads": TP_AXIS,
+    "mlp": TP_AXIS,
+    "embed": None,
+    "norm": None,
+}
+
+
+def make_mesh(tensor_parallel_degree: int = 1, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    if tensor_parallel_degree > len(devices):
+        raise ValueError(
+            f"tensor_parallel_degree={tensor_parallel_degree} but only {len(devices)} devices are visible")
+    return Mesh(np.array(devices[:tensor_parallel_degree]), (TP_AXIS,))
+
+
+def partition_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Mesh placement for a parameter; an axis that does not divide evenly stays replicated."""
+    spec = []
+    for axis, size in zip(logical_axes, shape):
+        mesh_axis = LOGICAL_AXIS_RULES.get(axis) if axis is not None else None
+        if mesh_axis is not None and size % mesh.shape[mesh_axis] != 0:
+            mesh_axis = None
+        spec.append(mesh_axis)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(logical_axes, shape, mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(logical_axes, shape, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

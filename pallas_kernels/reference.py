@@ -1,0 +1,141 @@
+"""Plain-XLA reference implementations of the paged-attention kernels.
+
+These define the semantics every Pallas kernel must match, and they are the
+`attention_backend=xla` path used on CPU.
+
+Layouts (shared by all backends):
+  k_pages, v_pages : [num_kv_heads, num_blocks, block_size, head_dim]
+                     block 0 is reserved as a trash block for padding tokens.
+  block_tables     : [num_seqs, max_blocks_per_seq] int32, padded with 0.
+  q                : [num_tokens, num_heads, head_dim]
+  token_seq_ids    : [num_tokens] int32, the row of block_tables each token uses.
+  positions        : [num_tokens] int32, absolute position of each query token; a
+                     token attends to keys at positions
+                     (positions - sliding_window, positions] of its sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Large negative instead of -inf so fully masked rows never produce NaN.
+MASK_VALUE = -1e30
+# Upper bound (in elements) of one gathered key chunk in the XLA path.
+_GATHER_BUDGET = 1 << 24
+
+
+def write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping):
+    """Scatter new keys/values into their pages.
+
+    k_new, v_new: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens]
+    int32 flat slots (block * block_size + offset). Padding tokens point into the
+    trash block 0. Returns the updated (k_pages, v_pages); donate them to update in place.
+    """
+    num_kv_heads, num_blocks, block_size, head_dim = k_pages.shape
+    shape = (num_kv_heads, num_blocks * block_size, head_dim)
+    k_flat = k_pages.reshape(shape).at[:, slot_mapping].set(
+        jnp.swapaxes(k_new, 0, 1).astype(k_pages.dtype))
+    v_flat = v_pages.reshape(shape).at[:, slot_mapping].set(
+        jnp.swapaxes(v_new, 0, 1).astype(v_pages.dtype))
+    return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
+
+
+def paged_attention_reference(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    token_seq_ids,
+    positions,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    alibi_slopes=None,
+    num_blocks_to_scan=None,
+):
+    """Attention of each query token over its sequence's paged keys (causal).
+
+    Covers decode (one token per sequence), chunked prefill and mixed batches with
+    one rule. Keys are streamed in chunks of blocks with an online softmax so memory
+    stays bounded; `num_blocks_to_scan` (traced int32 scalar, optional) stops the
+    loop after the longest sequence's last block.
+    Returns [num_tokens, num_heads, head_dim] in q's dtype.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, _, block_size, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    max_blocks = block_tables.shape[1]
+
+    per_block = num_tokens * block_size * num_kv_heads * head_dim
+    chunk = int(max(1, min(max_blocks, _GATHER_BUDGET // max(per_block, 1))))
+    num_chunks_static = math.ceil(max_blocks / chunk)
+    # Pad the tables to a whole number of chunks (padding points at trash block 0,
+    # which the position mask hides).
+    pad = num_chunks_static * chunk - max_blocks
+    tables = block_tables[token_seq_ids]  # [T, W]
+    if pad:
+        tables = jnp.pad(tables, ((0, 0), (0, pad)))
+
+    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * scale
+    if alibi_slopes is not None:
+        slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(num_kv_heads, group)
+
+    def body(c, carry):
+        m, l, acc = carry  # [T,K,G], [T,K,G], [T,K,G,D]
+        blocks = jax.lax.dynamic_slice_in_dim(tables, c * chunk, chunk, axis=1)  # [T, C]
+        k = k_pages[:, blocks].astype(jnp.float32)  # [K, T, C, BS, D]
+        v = v_pages[:, blocks].astype(jnp.float32)
+        k = k.reshape(num_kv_heads, num_tokens, chunk * block_size, head_dim)
+        v = v.reshape(num_kv_heads, num_tokens, chunk * block_size, head_dim)
+        s = jnp.einsum("tkgd,ktjd->tkgj", qg, k)  # [T, K, G, C*BS]
+        key_pos = c * chunk * block_size + jnp.arange(chunk * block_size)
+        rel = key_pos[None, :] - positions[:, None]  # [T, C*BS], <= 0 is visible
+        mask = rel <= 0
+        if sliding_window is not None:
+            mask = mask & (rel > -sliding_window)
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        if alibi_slopes is not None:
+            s = s + slopes[None, :, :, None] * rel[:, None, None, :].astype(jnp.float32)
+        mask = mask[:, None, None, :]
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        l_new = l * correction + p.sum(axis=-1)
+        acc_new = acc * correction[..., None] + jnp.einsum("tkgj,ktjd->tkgd", p, v)
+        return m_new, l_new, acc_new
+
+    init = (
+        jnp.full((num_tokens, num_kv_heads, group), MASK_VALUE, jnp.float32),
+        jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
+        jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
+    )
+    if num_blocks_to_scan is None:
+        num_chunks = num_chunks_static
+    else:
+        num_chunks = jnp.minimum((num_blocks_to_scan + chunk - 1) // chunk, num_chunks_static)
+    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    out = acc / jnp.maximum(l, 1e-30)[..., None]
+    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def paged_decode_attention_reference(
+    q, k_pages, v_pages, block_tables, seq_lens, *, scale: float,
+    sliding_window=None, soft_cap=None, alibi_slopes=None,
+):
+    """Decode special case: q [num_seqs, num_heads, head_dim], one query per sequence
+    at position seq_lens - 1 (seq_lens counts the token being decoded)."""
+    num_seqs = q.shape[0]
+    return paged_attention_reference(
+        q, k_pages, v_pages, block_tables,
+        token_seq_ids=jnp.arange(num_seqs, dtype=jnp.int32),
+        positions=seq_lens - 1,
+        scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        alibi_slopes=alibi_slopes,
+        num_blocks_to_scan=(jnp.max(seq_lens) + k_pages.shape[2] - 1) // k_pages.shape[2],
+    )
