@@ -1,0 +1,18 @@
+"""lmidist-jax: a JAX + Pallas re-creation of the lmi-dist rolling-batch LLM engine."""
+
+from .outputs import CompletionOutput, RequestOutput, TokenLogprob
+from .sampling_params import RequestError, SamplingParams
+
+
+def __getattr__(name):
+    # LLM pulls in JAX and the model code; import it lazily so `import lmidist_jax`
+    # (e.g. for the config or CLI help) stays cheap.
+    if name == "LLM":
+        from .llm import LLM
+
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "TokenLogprob", "RequestError"]
+__version__ = "0.1.0"

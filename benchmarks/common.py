@@ -1,0 +1,62 @@
+"""Shared pieces of the benchmark scripts: model shapes, environment record, JSON output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+
+# Real model shapes for random-weight benchmarks (HF config.json fields).
+SHAPES = {
+    "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
+                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                      rope_theta=500000.0, rms_norm_eps=1e-5, torch_dtype="bfloat16",
+                      bos_token_id=128000, eos_token_id=128001),
+    "llama2-70b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=8192,
+                       intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2),
+    "tiny": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64,
+                 intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024),
+}
+
+
+def environment() -> dict:
+    import jax
+
+    device = jax.devices()[0]
+    return {
+        "device": getattr(device, "device_kind", device.platform),
+        "platform": device.platform,
+        "num_devices": jax.device_count(),
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+
+
+def write_result(name: str, result: dict, out_dir: str | None) -> str:
+    out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    env = result.setdefault("environment", environment())
+    device = env["device"].replace(" ", "-").lower()
+    stamp = env["date"][:10]
+    path = os.path.join(out_dir, f"{name}-{device}-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return path
+
+
+def percentiles(values, ps=(50, 90, 99)) -> dict:
+    import numpy as np
+
+    if len(values) == 0:
+        return {f"p{p}": None for p in ps}
+    arr = np.asarray(values, dtype=float)
+    return {f"p{p}": float(np.percentile(arr, p)) for p in ps} | {"mean": float(arr.mean())}
