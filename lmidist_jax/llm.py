@@ -27,9 +27,22 @@ class LLM:
         from .config import config_from_kwargs
         from .engine.llm_engine import LLMEngine
 
+        from .engine import multihost
+
         self.config = config_from_kwargs(model_id, **options)
         self.engine = LLMEngine.from_config(self.config, warmup=warmup, progress=progress)
         self._ids = itertools.count()
+        self.is_follower = multihost.is_multiprocess() and not multihost.is_leader()
+        if self.is_follower:
+            # Multi-host: processes other than 0 run the leader's steps until it shuts down.
+            multihost.follow(self.engine.runner)
+
+    def shutdown(self) -> None:
+        """Multi-host: tell the follower processes to return from LLM(...)."""
+        from .engine import multihost
+
+        if multihost.is_multiprocess() and multihost.is_leader():
+            multihost.broadcast_stop()
 
     @classmethod
     def from_engine(cls, engine) -> "LLM":
@@ -59,6 +72,8 @@ class LLM:
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
 
+        if getattr(self, "is_follower", False):
+            raise RuntimeError("generate() runs on process 0; this process follows its steps")
         engine = self.engine
         results: dict[str, RequestOutput] = {}
         order = []
@@ -66,7 +81,7 @@ class LLM:
             request_id = f"gen-{next(self._ids)}"
             order.append(request_id)
             try:
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, params, stream=False)
             except RequestError as e:
                 results[request_id] = _error_output(request_id, prompt, str(e))
 

@@ -102,7 +102,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         max_blocks = (len(token_ids) - 1) // self.block_size
-        for h in self.block_hashes(token_ids, self.block_size, max_blocks):
+        for h in self.block_hashes(token_ids, self.block_size, max_blocks):  # noqa: B007
             block = self._hash_to_block.get(h)
             if block is None:
                 break
@@ -113,12 +113,25 @@ class BlockManager:
         self.num_cache_hits += len(block_ids) * self.block_size
         return len(block_ids) * self.block_size
 
-    def cache_full_blocks(self, token_ids: Seq[int], block_ids: Seq[int], num_computed_tokens: int) -> None:
-        """Register the full, computed blocks of a sequence in the prefix cache."""
+    def cache_full_blocks(self, token_ids: Seq[int], block_ids: Seq[int], num_computed_tokens: int,
+                          hashes: list[int] | None = None) -> None:
+        """Register the full, computed blocks of a sequence in the prefix cache.
+
+        ``hashes`` (the sequence's block-hash chain so far) is extended in place, so each
+        block is hashed once in the sequence's life rather than at every step."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(num_computed_tokens // self.block_size, len(block_ids))
-        for i, h in enumerate(self.block_hashes(token_ids, self.block_size, num_full)):
+        bs = self.block_size
+        num_full = min(min(num_computed_tokens, len(token_ids)) // bs, len(block_ids))
+        if hashes is None:
+            hashes = []
+        start = len(hashes)
+        parent = hashes[-1] if hashes else 0
+        for i in range(start, num_full):
+            parent = hash((parent, tuple(token_ids[i * bs:(i + 1) * bs])))
+            hashes.append(parent)
+        for i in range(start, num_full):
+            h = hashes[i]
             block = block_ids[i]
             if block in self._block_to_hash:
                 continue

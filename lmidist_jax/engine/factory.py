@@ -38,6 +38,7 @@ def load_tokenizer(model_dir):
 
 def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEngine:
     from converters.checkpoint import iter_checkpoint_tensors, load_config, parse_dtype, resolve_model_dir
+    from converters import orbax_cache
     from converters.weight_maps import map_tensors
     from ..model_store import DEFAULT_MODEL
 
@@ -57,10 +58,17 @@ def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEn
             f"max_model_len={max_model_len} exceeds the model's limit of {spec.max_model_len} tokens "
             f"(max_position_embeddings with rope scaling)")
     mesh = parallel.make_mesh(config.tensor_parallel_degree)
-    tensors = iter_checkpoint_tensors(model_dir, config.load_format, progress=progress)
-    model = load_model(spec, map_tensors(spec.architecture, tensors), dtype=dtype, mesh=mesh,
-                       max_model_len=max_model_len)
+    if orbax_cache.is_converted_dir(model_dir):
+        model = orbax_cache.load_converted(spec, model_dir, dtype=dtype, mesh=mesh, max_model_len=max_model_len)
+    else:
+        tensors = iter_checkpoint_tensors(model_dir, config.load_format, progress=progress)
+        model = load_model(spec, map_tensors(spec.architecture, tensors), dtype=dtype, mesh=mesh,
+                           max_model_len=max_model_len)
     load_time = time.perf_counter() - start
+    save_dir = getattr(config, "save_converted", None)
+    if save_dir:
+        orbax_cache.save_converted(model, hf_config, save_dir, tokenizer_dir=model_dir)
+        logger.info("saved the converted parameters to %s", save_dir)
     tokenizer = load_tokenizer(model_dir)
     engine = engine_for_model(model, tokenizer, config, max_model_len=max_model_len,
                               warmup=warmup, progress=progress)
@@ -87,7 +95,8 @@ def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bo
     runner = ModelRunner(model, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                          backend=backend, max_logprobs=config.max_logprobs,
-                         enforce_eager=config.enforce_eager)
+                         enforce_eager=config.enforce_eager,
+                         decode_steps=getattr(config, "decode_steps", 1) or 1)
     if warmup:
         t = time.perf_counter()
         runner.warmup(progress=progress)

@@ -92,14 +92,18 @@ class LLMEngine:
             raise RequestError(f"top_n_tokens={params.top_n_tokens} exceeds max_logprobs={self.max_logprobs}")
 
     def add_request(self, request_id: str, prompt: str | Seq[int],
-                    sampling_params: SamplingParams | None = None) -> Request:
-        """Queue a request. Raises RequestError (and changes nothing) if it is invalid."""
+                    sampling_params: SamplingParams | None = None, *, stream: bool = True) -> Request:
+        """Queue a request. Raises RequestError (and changes nothing) if it is invalid.
+
+        ``stream=False`` skips per-token text deltas: the text is decoded once when the
+        request finishes (stop strings still detokenize as they go)."""
         params = sampling_params or SamplingParams()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         text, ids = self.encode(prompt)
         self.validate(ids, params)
-        request = Request(request_id, text, ids, params)
+        request = Request(request_id, text, ids, params,
+                          incremental_text=stream or bool(params.stop_sequences))
         base_seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
         for i in range(params.num_samples):
             seq = Sequence(self._next_seq_id, request, i, list(ids), seed=(base_seed + i) % 2**32)
@@ -151,10 +155,13 @@ class LLMEngine:
             prompt_end = max(0, min(seq.num_prompt_tokens, seq.num_computed_tokens + item.num_new_tokens)
                              - seq.num_computed_tokens)
             self.stats.num_computed_prompt_tokens += prompt_end
-        result = self.runner.execute(sched)
-        self.scheduler.after_step(sched)
+        num_steps = self.runner.decode_steps
+        if not self.scheduler.reserve_decode_steps(sched, num_steps, self.max_model_len):
+            num_steps = 1
+        result = self.runner.execute(sched, num_steps)
+        self.scheduler.after_step(sched, num_steps)
         t2 = time.perf_counter()
-        outputs.extend(self._postprocess(sched, result, samples))
+        outputs.extend(self._postprocess(sched, result, samples, num_steps))
         t3 = time.perf_counter()
         st = self.stats
         st.num_steps += 1
@@ -164,32 +171,37 @@ class LLMEngine:
         st.postprocess_time += t3 - t2
         return outputs
 
-    def _postprocess(self, sched: SchedulerOutput, result, samples) -> list[RequestOutput]:
+    def _postprocess(self, sched: SchedulerOutput, result, samples, num_steps: int) -> list[RequestOutput]:
         now = time.monotonic()
         new_tokens: dict[str, dict[int, list]] = {}
-        for i, item in enumerate(sched.scheduled):
-            seq = item.seq
-            if not samples[i] or seq.is_finished:
-                continue
-            token = int(result.token_ids[i])
-            request = seq.request
-            params = request.sampling_params
-            if request.first_token_time is None:
-                request.first_token_time = now
-            seq.token_ids.append(token)
-            self.stats.num_generated_tokens += 1
-            logprob = float(result.logprobs[i])
-            seq.cumulative_logprob += logprob
-            entry = None
-            if params.logprobs or params.top_n_tokens:
-                top = [(int(t), float(lp), self._token_text(int(t)))
-                       for t, lp in zip(result.top_ids[i][:params.top_n_tokens],
-                                        result.top_logprobs[i][:params.top_n_tokens])]
-                entry = TokenLogprob(token, logprob, self._token_text(token), top)
-                seq.output_logprobs.append(entry)
-            new_tokens.setdefault(request.request_id, {}).setdefault(seq.index, []).append(
-                (token, entry))
-            self._check_stop(seq, token)
+        if num_steps == 1:
+            step_results = [(result.token_ids, result.logprobs, result.top_ids, result.top_logprobs)]
+        else:
+            step_results = list(zip(result.token_ids, result.logprobs, result.top_ids, result.top_logprobs))
+        for token_ids, logprobs, top_ids, top_logprobs in step_results:
+            for i, item in enumerate(sched.scheduled):
+                seq = item.seq
+                if not samples[i] or seq.is_finished:
+                    continue  # a partial prefill chunk, or tokens past a stop
+                token = int(token_ids[i])
+                request = seq.request
+                params = request.sampling_params
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                seq.token_ids.append(token)
+                self.stats.num_generated_tokens += 1
+                logprob = float(logprobs[i])
+                seq.cumulative_logprob += logprob
+                entry = None
+                if params.logprobs or params.top_n_tokens:
+                    top = [(int(t), float(lp), self._token_text(int(t)))
+                           for t, lp in zip(top_ids[i][:params.top_n_tokens],
+                                            top_logprobs[i][:params.top_n_tokens])]
+                    entry = TokenLogprob(token, logprob, self._token_text(token), top)
+                    seq.output_logprobs.append(entry)
+                new_tokens.setdefault(request.request_id, {}).setdefault(seq.index, []).append(
+                    (token, entry))
+                self._check_stop(seq, token)
 
         outputs = []
         for request_id, per_seq in new_tokens.items():
@@ -213,16 +225,21 @@ class LLMEngine:
             return self._finish(seq, "eos_token")
         if token in params.stop_token_ids:
             return self._finish(seq, "stop_sequence")
-        previous_len = len(seq.text)
-        self.detokenizer.append(seq)
-        cut = find_stop(seq, previous_len)
-        if cut is not None:
-            seq.text = seq.text[:cut]
-            return self._finish(seq, "stop_sequence")
+        if seq.request.incremental_text:
+            previous_len = len(seq.text)
+            self.detokenizer.append(seq)
+            cut = find_stop(seq, previous_len)
+            if cut is not None:
+                seq.text = seq.text[:cut]
+                return self._finish(seq, "stop_sequence")
         if seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
             return self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if not seq.request.incremental_text and self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(
+                seq.output_token_ids, skip_special_tokens=seq.request.sampling_params.skip_special_tokens,
+                clean_up_tokenization_spaces=False)
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
         self.scheduler.finish(seq)

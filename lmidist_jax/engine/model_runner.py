@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from .. import parallel
 from ..models.attention import AttentionMetadata
 from ..models.loader import LoadedModel
+from . import multihost
 from .sampler import SampleOutput, SamplingBatch, sample
 from .scheduler import SchedulerOutput
 
@@ -44,10 +45,10 @@ class StepBatch:
 
 @dataclasses.dataclass
 class ModelRunnerOutput:
-    token_ids: np.ndarray      # [num_scheduled]
-    logprobs: np.ndarray       # [num_scheduled]
-    top_ids: np.ndarray        # [num_scheduled, K]
-    top_logprobs: np.ndarray   # [num_scheduled, K]
+    token_ids: np.ndarray      # [num_scheduled] (or [num_steps, num_scheduled])
+    logprobs: np.ndarray       # same
+    top_ids: np.ndarray        # [..., num_scheduled, K]
+    top_logprobs: np.ndarray   # [..., num_scheduled, K]
     host_time: float
     device_time: float
 
@@ -71,10 +72,11 @@ def _bucket(value: int, buckets: list[int]) -> int:
 class ModelRunner:
     def __init__(self, model: LoadedModel, *, block_size: int, num_blocks: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, backend: str = "xla",
-                 max_logprobs: int = 20, enforce_eager: bool = False):
+                 max_logprobs: int = 20, enforce_eager: bool = False, decode_steps: int = 1):
         self.model = model
         self.spec = model.spec
         self.mesh = model.mesh
+        self.attention_mesh = model.mesh if model.mesh.shape[parallel.TP_AXIS] > 1 else None
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_num_seqs = max_num_seqs
@@ -84,6 +86,7 @@ class ModelRunner:
         self.backend = backend
         self.num_top_logprobs = max_logprobs
         self.enforce_eager = enforce_eager
+        self.decode_steps = decode_steps
         self.trash_slot = max_num_seqs
         self.seq_buckets = _pow2_buckets(max_num_seqs)
         self.token_buckets = _pow2_buckets(max_num_batched_tokens, start=16)
@@ -92,31 +95,63 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache()
         vocab = self.spec.vocab_size
         rep = parallel.replicated(self.mesh)
-        self.prompt_mask = jax.device_put(np.zeros((max_num_seqs + 1, vocab), np.bool_), rep)
-        self.output_counts = jax.device_put(np.zeros((max_num_seqs + 1, vocab), np.int32), rep)
+        rows = max_num_seqs + 1
+        self.prompt_mask = jax.jit(lambda: jnp.zeros((rows, vocab), jnp.bool_), out_shardings=rep)()
+        self.output_counts = jax.jit(lambda: jnp.zeros((rows, vocab), jnp.int32), out_shardings=rep)()
 
         graphdef = model.graphdef
         num_top = self.num_top_logprobs
 
-        def step_fn(state, kv_caches, prompt_mask, output_counts, batch: StepBatch):
-            module = nnx.merge(graphdef, state)
-            hidden, kv_caches = module(batch.input_ids, kv_caches, batch.md)
-            # Penalty bookkeeping: clear rows of newly placed sequences, then count this
-            # step's input tokens (prompt tokens in the mask, generated ones in counts).
-            prompt_mask = prompt_mask.at[batch.reset_slots].set(False)
-            output_counts = output_counts.at[batch.reset_slots].set(0)
-            token_slots = batch.token_slots
+        block_size = self.block_size
+
+        def forward_and_sample(module, kv_caches, prompt_mask, output_counts, input_ids,
+                               token_is_output, token_slots, md, slots, sampling):
+            hidden, kv_caches = module(input_ids, kv_caches, md)
+            # Penalty bookkeeping: count this step's input tokens (prompt tokens in the
+            # mask, generated ones in the counts) in their sequence's row.
             trash = prompt_mask.shape[0] - 1
-            prompt_rows = jnp.where(batch.token_is_output, trash, token_slots)
-            output_rows = jnp.where(batch.token_is_output, token_slots, trash)
-            prompt_mask = prompt_mask.at[prompt_rows, batch.input_ids].set(True)
-            output_counts = output_counts.at[output_rows, batch.input_ids].add(1)
-            logits = module.logits(hidden[batch.md.logits_indices])
-            out = sample(logits, prompt_mask[batch.slots], output_counts[batch.slots],
-                         batch.sampling, num_top)
+            prompt_rows = jnp.where(token_is_output, trash, token_slots)
+            output_rows = jnp.where(token_is_output, token_slots, trash)
+            prompt_mask = prompt_mask.at[prompt_rows, input_ids].set(True)
+            output_counts = output_counts.at[output_rows, input_ids].add(1)
+            logits = module.logits(hidden[md.logits_indices])
+            out = sample(logits, prompt_mask[slots], output_counts[slots], sampling, num_top)
             return kv_caches, prompt_mask, output_counts, out
 
-        self._step = jax.jit(step_fn, donate_argnums=(1, 2, 3))
+        def step_fn(state, kv_caches, prompt_mask, output_counts, batch: StepBatch, num_steps: int = 1):
+            module = nnx.merge(graphdef, state)
+            # Clear the count rows of sequences placed since their last step.
+            prompt_mask = prompt_mask.at[batch.reset_slots].set(False)
+            output_counts = output_counts.at[batch.reset_slots].set(0)
+            if num_steps == 1:
+                return forward_and_sample(module, kv_caches, prompt_mask, output_counts, batch.input_ids,
+                                          batch.token_is_output, batch.token_slots, batch.md, batch.slots,
+                                          batch.sampling)
+            # Several decode steps in one dispatch: each step's samples are the next
+            # step's inputs; positions and KV slots advance on the device (the host
+            # reserved the blocks). Host overhead is paid once per num_steps tokens.
+            md0 = batch.md
+            valid = md0.seq_lens > 0
+
+            def one_step(carry, i):
+                kv_caches, prompt_mask, output_counts, input_ids = carry
+                seq_lens = jnp.where(valid, md0.seq_lens + i, 0)
+                positions = jnp.maximum(seq_lens - 1, 0)
+                blocks = jnp.take_along_axis(md0.block_tables, (positions // block_size)[:, None], axis=1)[:, 0]
+                md = dataclasses.replace(md0, positions=positions, seq_lens=seq_lens,
+                                         slot_mapping=jnp.where(valid, blocks * block_size + positions % block_size, 0))
+                sampling = dataclasses.replace(batch.sampling, sample_index=batch.sampling.sample_index + i)
+                token_is_output = jnp.where(i == 0, batch.token_is_output, True)
+                kv_caches, prompt_mask, output_counts, out = forward_and_sample(
+                    module, kv_caches, prompt_mask, output_counts, input_ids, token_is_output,
+                    batch.token_slots, md, batch.slots, sampling)
+                return (kv_caches, prompt_mask, output_counts, out.token_ids), out
+
+            (kv_caches, prompt_mask, output_counts, _), outs = jax.lax.scan(
+                one_step, (kv_caches, prompt_mask, output_counts, batch.input_ids), jnp.arange(num_steps))
+            return kv_caches, prompt_mask, output_counts, outs  # fields stacked [num_steps, S, ...]
+
+        self._step = jax.jit(step_fn, donate_argnums=(1, 2, 3), static_argnames=("num_steps",))
 
     # -- KV cache ------------------------------------------------------------------
 
@@ -202,31 +237,41 @@ class ModelRunner:
         md = AttentionMetadata(
             positions=positions, slot_mapping=slot_mapping, token_seq_ids=token_seq_ids,
             block_tables=block_tables, seq_lens=seq_lens, logits_indices=logits_indices,
-            decode_only=decode_only, backend=self.backend)
+            decode_only=decode_only, backend=self.backend, mesh=self.attention_mesh)
         sampling = SamplingBatch(temperature, top_k, top_p, min_p, rep, presence, frequency, seeds, sample_index)
         return StepBatch(input_ids, token_is_output, token_slots, md, slots, reset_slots, sampling)
 
     # -- execution -----------------------------------------------------------------
 
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, sched: SchedulerOutput, num_steps: int = 1) -> ModelRunnerOutput:
+        """Run the step; with num_steps > 1 (decode-only) that many decode steps run in one
+        dispatch and the outputs are [num_steps, num_scheduled]."""
         t0 = time.perf_counter()
         batch = self._pack(sched)
+        if multihost.is_multiprocess():
+            batch = multihost.broadcast_batch(batch, batch.input_ids.shape[0], batch.slots.shape[0],
+                                              batch.md.decode_only, num_steps)
         t1 = time.perf_counter()
-        out = self._run(batch)
+        out = self._run(batch, num_steps)
         n = len(sched.scheduled)
-        token_ids = np.asarray(out.token_ids)[:n]  # blocks until the device is done
+        token_ids = np.asarray(out.token_ids)[..., :n]  # blocks until the device is done
         t2 = time.perf_counter()
-        return ModelRunnerOutput(token_ids, np.asarray(out.logprobs)[:n], np.asarray(out.top_ids)[:n],
-                                 np.asarray(out.top_logprobs)[:n], host_time=t1 - t0, device_time=t2 - t1)
+        return ModelRunnerOutput(token_ids, np.asarray(out.logprobs)[..., :n],
+                                 np.asarray(out.top_ids)[..., :n, :], np.asarray(out.top_logprobs)[..., :n, :],
+                                 host_time=t1 - t0, device_time=t2 - t1)
 
-    def _run(self, batch: StepBatch) -> SampleOutput:
+    def _run(self, batch: StepBatch, num_steps: int = 1) -> SampleOutput:
         self.kv_caches, self.prompt_mask, self.output_counts, out = self._step(
-            self.model.state, self.kv_caches, self.prompt_mask, self.output_counts, batch)
+            self.model.state, self.kv_caches, self.prompt_mask, self.output_counts, batch,
+            num_steps=num_steps)
         return out
 
-    def warmup_shapes(self) -> list[tuple[int, int, bool]]:
-        shapes = [(s, s, True) for s in self.seq_buckets]
-        shapes += [(t, min(t, self.seq_buckets[-1]), False) for t in self.token_buckets]
+    def warmup_shapes(self) -> list[tuple[int, int, bool, int]]:
+        """(tokens, sequences, decode_only, num_steps) of every compiled step."""
+        shapes = [(s, s, True, 1) for s in self.seq_buckets]
+        if self.decode_steps > 1:
+            shapes += [(s, s, True, self.decode_steps) for s in self.seq_buckets]
+        shapes += [(t, min(t, self.seq_buckets[-1]), False, 1) for t in self.token_buckets]
         return shapes
 
     def warmup(self, progress: bool = True) -> None:
@@ -235,9 +280,10 @@ class ModelRunner:
             return
         from tqdm.auto import tqdm
 
-        for T, S, decode_only in tqdm(self.warmup_shapes(), desc="compiling buckets", disable=not progress):
+        for T, S, decode_only, num_steps in tqdm(self.warmup_shapes(), desc="compiling buckets",
+                                                 disable=not progress):
             batch = self._dummy_batch(T, S, decode_only)
-            jax.block_until_ready(self._run(batch))
+            jax.block_until_ready(self._run(batch, num_steps))
             self.num_compiled_steps += 1
 
     def _dummy_batch(self, T: int, S: int, decode_only: bool) -> StepBatch:
@@ -245,7 +291,7 @@ class ModelRunner:
         md = AttentionMetadata(
             positions=z(T), slot_mapping=z(T), token_seq_ids=z(T),
             block_tables=np.zeros((S, self.max_blocks_per_seq), np.int32), seq_lens=z(S),
-            logits_indices=z(S), decode_only=decode_only, backend=self.backend)
+            logits_indices=z(S), decode_only=decode_only, backend=self.backend, mesh=self.attention_mesh)
         sampling = SamplingBatch(z(S, np.float32), z(S), np.ones(S, np.float32), z(S, np.float32),
                                  np.ones(S, np.float32), z(S, np.float32), z(S, np.float32),
                                  z(S, np.uint32), z(S))

@@ -62,7 +62,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence and free its blocks."""
+        """Remove a finished or aborted sequence and free its blocks (publishing its full
+        blocks to the prefix cache first)."""
+        self.block_manager.cache_full_blocks(seq.token_ids, seq.block_ids, seq.num_computed_tokens,
+                                             seq.block_hashes)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -139,9 +142,32 @@ class Scheduler:
         # served from the cache would skip them, so such requests recompute.
         return not seq.request.sampling_params.uses_penalties
 
-    def after_step(self, output: SchedulerOutput) -> None:
-        """Advance computed-token counts and publish newly full blocks to the prefix cache."""
+    def reserve_decode_steps(self, output: SchedulerOutput, num_steps: int, max_model_len: int) -> bool:
+        """For a decode-only step: make room for ``num_steps`` tokens per sequence so the
+        device can run several decode steps in one dispatch. False (nothing changed
+        beyond harmless early allocation) when a sequence is near max_model_len, new
+        requests are waiting, or blocks are short."""
+        if num_steps <= 1 or not output.is_decode_only or self.waiting:
+            return False
+        bm = self.block_manager
+        needed = 0
         for item in output.scheduled:
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq.token_ids, seq.block_ids, seq.num_computed_tokens)
+            if seq.num_tokens + num_steps - 1 > max_model_len:
+                return False
+            needed += bm.blocks_needed(seq.block_ids, seq.num_computed_tokens + num_steps)
+        if needed > bm.num_free_blocks:
+            return False
+        for item in output.scheduled:
+            bm.allocate(item.seq.block_ids, item.seq.num_computed_tokens + num_steps)
+        return True
+
+    def after_step(self, output: SchedulerOutput, num_steps: int = 1) -> None:
+        """Advance computed-token counts and publish newly full blocks to the prefix cache
+        (blocks whose tokens are all known; the rest follow at the next step or finish)."""
+        for item in output.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens + num_steps - 1
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_full_blocks(seq.token_ids, seq.block_ids,
+                                                     seq.num_computed_tokens, seq.block_hashes)

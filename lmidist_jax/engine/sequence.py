@@ -30,6 +30,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_ids: list[int] = dataclasses.field(default_factory=list)
+    block_hashes: list[int] = dataclasses.field(default_factory=list)  # prefix-cache hash chain
     output_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
@@ -76,6 +77,8 @@ class Request:
     finish_time: float | None = None
     error: str | None = None
     aborted: bool = False
+    # Detokenize as tokens arrive (streaming, stop strings); otherwise once at the end.
+    incremental_text: bool = True
 
     @property
     def is_finished(self) -> bool:

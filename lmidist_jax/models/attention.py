@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels import reference
 
@@ -31,11 +34,31 @@ class AttentionMetadata:
     # tokens are ordered like sequences (T == S). Selects the decode kernel.
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
     backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
+    # With tensor parallelism, attention runs per shard (its heads) under shard_map.
+    mesh: Mesh | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, scale: float,
                     sliding_window=None, soft_cap=None, alibi_slopes=None):
     """q [T, H, D] against the paged cache (which already holds this step's keys)."""
+    kwargs = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if md.mesh is None or md.mesh.shape["tp"] == 1:
+        return _paged_attention_local(q, k_pages, v_pages, md, alibi_slopes=alibi_slopes, **kwargs)
+    # Heads are split over "tp"; each device attends its own heads to its own KV heads.
+    heads, rep = P(None, "tp", None), P()
+    md_specs = jax.tree_util.tree_map(lambda _: rep, md)
+    fn = functools.partial(_paged_attention_local, **kwargs)
+    if alibi_slopes is None:
+        return jax.shard_map(lambda q, k, v, m: fn(q, k, v, m), mesh=md.mesh,
+                             in_specs=(heads, P("tp"), P("tp"), md_specs), out_specs=heads,
+                             check_vma=False)(q, k_pages, v_pages, md)
+    return jax.shard_map(lambda q, k, v, m, a: fn(q, k, v, m, alibi_slopes=a), mesh=md.mesh,
+                         in_specs=(heads, P("tp"), P("tp"), md_specs, P("tp")), out_specs=heads,
+                         check_vma=False)(q, k_pages, v_pages, md, alibi_slopes)
+
+
+def _paged_attention_local(q, k_pages, v_pages, md: AttentionMetadata, *, scale: float,
+                           sliding_window=None, soft_cap=None, alibi_slopes=None):
     kwargs = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   alibi_slopes=alibi_slopes)
     block_size = k_pages.shape[2]

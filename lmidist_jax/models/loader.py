@@ -26,6 +26,12 @@ class LoadedModel:
     state: nnx.State  # parameters, placed on the mesh
     dtype: jnp.dtype
     mesh: Mesh
+    # The checkpoint's own spec (differs from `spec` when KV heads were replicated for TP).
+    source_spec: ModelSpec | None = None
+
+    def __post_init__(self):
+        if self.source_spec is None:
+            self.source_spec = self.spec
 
     @property
     def num_parameter_bytes(self) -> int:
@@ -45,14 +51,41 @@ def _variables(state) -> dict[tuple, nnx.Variable]:
     return {tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path): var for path, var in leaves}
 
 
+def spec_for_mesh(spec: ModelSpec, tp: int) -> ModelSpec:
+    """The spec the sharded model runs: with more TP devices than KV heads (MQA/GQA),
+    each KV head is replicated so that every device holds the one its queries need."""
+    if spec.num_heads % tp:
+        raise ValueError(f"tensor_parallel_degree={tp} does not divide the model's "
+                         f"{spec.num_heads} attention heads")
+    if spec.num_kv_heads % tp == 0:
+        return spec
+    if tp % spec.num_kv_heads:
+        raise ValueError(f"tensor_parallel_degree={tp} neither divides nor is a multiple of the "
+                         f"model's {spec.num_kv_heads} KV heads")
+    return dataclasses.replace(spec, num_kv_heads=tp)
+
+
+def _replicate_kv_heads(array: np.ndarray, original: ModelSpec, target: ModelSpec) -> np.ndarray:
+    """k/v projection [in, kv_heads * head_dim] (or bias [kv_heads * head_dim]) with each
+    head repeated so that kv head j becomes heads j*r .. j*r+r-1."""
+    r = target.num_kv_heads // original.num_kv_heads
+    lead = array.shape[:-1]
+    heads = array.reshape(*lead, original.num_kv_heads, original.head_dim)
+    return np.repeat(heads, r, axis=-2).reshape(*lead, target.num_kv_heads * original.head_dim)
+
+
 def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, np.ndarray]], *, dtype, mesh: Mesh,
                max_model_len: int | None = None) -> LoadedModel:
     """Places each mapped checkpoint tensor on the mesh as it arrives (host memory holds
     one tensor at a time beyond what is already on the devices)."""
+    original = spec
+    spec = spec_for_mesh(spec, mesh.shape[parallel.TP_AXIS])
     graphdef, state = abstract_model(spec, dtype, max_model_len)
     variables = _variables(state)
     filled = set()
     for path, array in tensors:
+        if spec is not original and path[-2:-1] in (("k_proj",), ("v_proj",)):
+            array = _replicate_kv_heads(np.asarray(array), original, spec)
         if spec.tie_word_embeddings and path == ("lm_head", "kernel"):
             continue  # tied: the embedding serves as the LM head
         var = variables.get(path)
@@ -62,19 +95,23 @@ def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, np.ndarray]], *, 
             raise ValueError(f"checkpoint weight {'.'.join(map(str, path))} has shape {tuple(array.shape)}, "
                              f"the model expects {tuple(var.shape)}")
         sharding = parallel.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
-        var.set_value(jax.device_put(np.asarray(array).astype(var.dtype), sharding))
+        host = np.asarray(array).astype(var.dtype)
+        # Each device receives only its own shard (also across hosts).
+        var.set_value(jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]))
         filled.add(path)
     missing = sorted(set(variables) - filled)
     if missing:
         shown = ", ".join(".".join(map(str, p)) for p in missing[:8])
         raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {shown}")
-    return LoadedModel(spec, graphdef, state, dtype, mesh)
+    return LoadedModel(spec, graphdef, state, dtype, mesh, source_spec=original)
 
 
 def random_model(spec: ModelSpec, *, dtype, mesh: Mesh, seed: int = 0,
                  max_model_len: int | None = None) -> LoadedModel:
     """Random weights of the right shapes, generated on the devices (no host copy): for
     benchmarks of real-size models without their checkpoints."""
+    original = spec
+    spec = spec_for_mesh(spec, mesh.shape[parallel.TP_AXIS])
     graphdef, state = abstract_model(spec, dtype, max_model_len)
     key = jax.random.key(seed)
     for i, (path, var) in enumerate(sorted(_variables(state).items(), key=lambda kv: str(kv[0]))):
@@ -85,4 +122,4 @@ def random_model(spec: ModelSpec, *, dtype, mesh: Mesh, seed: int = 0,
                 jnp.ones(shape, dt) if norm else (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dt)),
             out_shardings=sharding)
         var.set_value(init(jax.random.fold_in(key, i)))
-    return LoadedModel(spec, graphdef, state, dtype, mesh)
+    return LoadedModel(spec, graphdef, state, dtype, mesh, source_spec=original)

@@ -1,0 +1,65 @@
+"""Runs in a subprocess with several (fake) CPU devices; prints a JSON report.
+
+  python parallel_worker.py tp MODEL_DIR 1,2,4,8      tensor parallel degrees, one process
+  python parallel_worker.py multihost MODEL_DIR TP     one process of a jax.distributed run
+"""
+
+import json
+import sys
+
+import numpy as np
+
+MODE, MODEL_DIR = sys.argv[1], sys.argv[2]
+
+from lmidist_jax.engine.multihost import initialize_from_env  # noqa: E402
+
+initialize_from_env()
+
+import jax  # noqa: E402
+
+from lmidist_jax import LLM, SamplingParams  # noqa: E402
+from lmidist_jax.models.scoring import prompt_logits  # noqa: E402
+from lmidist_jax import parallel  # noqa: E402
+
+OPTIONS = dict(dtype="fp32", max_model_len=128, block_size=4, num_kv_blocks=100, max_rolling_batch_size=8,
+               max_rolling_batch_prefill_tokens=64, progress=False)
+rng = np.random.default_rng(0)
+PROMPTS = [list(map(int, rng.integers(0, 128, n))) for n in (3, 17, 30, 9)]
+PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+
+def sharding_report(llm):
+    """Each weight's placement vs the rules, and the KV pool split."""
+    model = llm.engine.runner.model
+    problems = []
+    leaves = jax.tree_util.tree_leaves_with_path(model.state, is_leaf=lambda x: hasattr(x, "get_metadata"))
+    for path, var in leaves:
+        expected = parallel.partition_spec(var.get_metadata()["logical_axes"], var.shape, model.mesh)
+        actual = var[...].sharding.spec
+        if tuple(actual) + (None,) * (len(var.shape) - len(actual)) != tuple(expected) + (None,) * (len(var.shape) - len(expected)):
+            problems.append(f"{jax.tree_util.keystr(path)}: {actual} != {expected}")
+    k_pages = llm.engine.runner.kv_caches[0][0]
+    shard_heads = sorted({s.data.shape[0] for s in k_pages.addressable_shards})
+    return problems, shard_heads, k_pages.shape[0]
+
+
+if MODE == "tp":
+    report = {}
+    for tp in map(int, sys.argv[3].split(",")):
+        llm = LLM(MODEL_DIR, tensor_parallel_degree=tp, **OPTIONS)
+        outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        logits = prompt_logits(llm.engine.runner.model, PROMPTS[2])
+        problems, shard_heads, kv_heads = sharding_report(llm)
+        report[tp] = dict(tokens=[o.token_ids for o in outs], logits=logits.tolist(), problems=problems,
+                          kv_shard_heads=shard_heads, kv_heads=kv_heads,
+                          q_sharding=str(llm.engine.runner.model.state["layers"][0]["attn"]["q_proj"]["kernel"][...].sharding.spec))
+    print("REPORT " + json.dumps(report))
+else:
+    llm = LLM(MODEL_DIR, tensor_parallel_degree=int(sys.argv[3]), **OPTIONS)
+    if jax.process_index() == 0:
+        outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        llm.shutdown()
+        print("REPORT " + json.dumps(dict(tokens=[o.token_ids for o in outs], devices=jax.device_count(),
+                                          processes=jax.process_count())))
+    else:
+        print("FOLLOWER DONE")

@@ -1,0 +1,68 @@
+"""Tensor parallelism on 8 fake CPU devices, and a 2-process jax.distributed run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tiny_models import make_model
+
+HERE = os.path.dirname(__file__)
+WORKER = os.path.join(HERE, "parallel_worker.py")
+
+
+def run_worker(args, devices, extra_env=None, timeout=600):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(extra_env or {})
+    return subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def report_of(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+    line = next(l for l in out.splitlines() if l.startswith("REPORT "))
+    return json.loads(line[len("REPORT "):])
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["gqa", "mqa"])
+def test_tensor_parallel_degrees_agree(tmp_path, kv_heads):
+    make_model(tmp_path, "llama", num_attention_heads=8, num_key_value_heads=kv_heads)
+    report = report_of(run_worker(["tp", str(tmp_path), "1,2,4,8"], devices=8))
+    base = report["1"]
+    for tp in ("2", "4", "8"):
+        r = report[tp]
+        assert r["tokens"] == base["tokens"], f"tp={tp}"
+        ref = np.array(base["logits"])
+        rel = np.linalg.norm(np.array(r["logits"]) - ref) / np.linalg.norm(ref)
+        assert rel < 1e-5, f"tp={tp}: logits differ by {rel:.1e}"
+        assert r["problems"] == [], r["problems"]
+        assert r["q_sharding"] == "PartitionSpec(None, 'tp')"
+        # The KV pool is split over the devices by KV heads (replicated heads when TP > KV heads).
+        assert r["kv_heads"] == max(kv_heads, int(tp))
+        assert r["kv_shard_heads"] == [r["kv_heads"] // int(tp)]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    make_model(tmp_path, "llama", num_attention_heads=8, num_key_value_heads=4)
+    single = report_of(run_worker(["tp", str(tmp_path), "1"], devices=1))
+    port = free_port()
+    procs = [run_worker(["multihost", str(tmp_path), "8"], devices=4, extra_env={
+        "LMIDIST_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "LMIDIST_NUM_PROCESSES": "2",
+        "LMIDIST_PROCESS_ID": str(i)}) for i in range(2)]
+    leader = report_of(procs[0])
+    out, err = procs[1].communicate(timeout=600)
+    assert procs[1].returncode == 0 and "FOLLOWER DONE" in out, err[-4000:]
+    assert leader["devices"] == 8 and leader["processes"] == 2
+    assert leader["tokens"] == single["1"]["tokens"]
