@@ -78,8 +78,14 @@ def sample(logits, prompt_mask, output_counts, params: SamplingBatch, num_top_lo
 
     temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
     scaled = logits / temperature
-    allowed = truncation_mask(scaled, params)
-    scaled = jnp.where(allowed, scaled, -jnp.inf)
+    # Truncation needs a sort over the vocabulary, the costliest part of sampling:
+    # skip it (at run time) when no sampled row asks for top-k, top-p or min-p.
+    truncates = (params.temperature > 0) & ((params.top_k > 0) | (params.top_p < 1.0) | (params.min_p > 0.0))
+    scaled = jax.lax.cond(
+        jnp.any(truncates),
+        lambda x: jnp.where(truncation_mask(x, params), x, -jnp.inf),
+        lambda x: x,
+        scaled)
 
     def row_noise(seed, index):
         key = jax.random.fold_in(jax.random.key(seed), index)

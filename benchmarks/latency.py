@@ -1,0 +1,132 @@
+"""Batch-1 decode latency against the memory roofline, measured in the same run.
+
+Roofline: every decode step must read the weights once (the embedding table excepted:
+one row) plus the sequence's KV cache, so the fastest possible step is
+(weight bytes + KV bytes) / measured copy bandwidth.
+
+  python benchmarks/latency.py --shape llama3-8b --dtype bf16 --input-len 128 --output-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import SHAPES, environment, percentiles, write_result  # noqa: E402
+
+
+def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20) -> float:
+    """Bytes read + written per second by a large device-to-device elementwise copy."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * 2)
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t)
+    return 2 * num_bytes / float(np.median(times))
+
+
+def matmul_flops(n: int = 8192, repeats: int = 10) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(a, b))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / float(np.median(times))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    import jax
+
+    from lmidist_jax import SamplingParams, parallel
+    from lmidist_jax.config import config_from_kwargs
+    from lmidist_jax.engine.factory import engine_for_model
+    from lmidist_jax.models.loader import DTYPES, random_model
+    from lmidist_jax.models.spec import spec_from_hf_config
+
+    bandwidth = copy_bandwidth() if jax.devices()[0].platform != "cpu" else copy_bandwidth(256 << 20, 5)
+    options = dict(o.split("=", 1) for o in args.option)
+    options.setdefault("max_rolling_batch_size", 1)
+    options.setdefault("max_model_len", args.input_len + args.output_len + 64)
+    options["dtype"] = args.dtype
+    config = config_from_kwargs(None, **options)
+    spec = spec_from_hf_config(SHAPES[args.shape])
+    t = time.perf_counter()
+    model = random_model(spec, dtype=DTYPES[args.dtype], mesh=parallel.make_mesh(config.tensor_parallel_degree),
+                         max_model_len=config.max_model_len)
+    engine = engine_for_model(model, None, config, max_model_len=config.max_model_len)
+    startup = time.perf_counter() - t
+
+    prompt = list(map(int, np.random.default_rng(0).integers(10, spec.vocab_size - 10, args.input_len)))
+    params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
+    results = []
+    for run in range(3):  # the first run is a warm-up
+        engine.add_request(f"r{run}", prompt, params)
+        t0 = time.perf_counter()
+        times = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                times.extend([time.perf_counter()] * len(out.new_token_ids))
+        ttft = times[0] - t0
+        per_token = (times[-1] - times[0]) / (len(times) - 1)
+        results.append((ttft, per_token))
+    ttft, per_token = results[-1]
+
+    itemsize = np.dtype(DTYPES[args.dtype]).itemsize
+    weight_bytes = model.num_parameter_bytes - (spec.vocab_size - 1) * spec.hidden_size * itemsize * (
+        0 if spec.tie_word_embeddings else 1)
+    mean_context = args.input_len + args.output_len / 2
+    kv_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * itemsize * mean_context
+    floor = (weight_bytes + kv_bytes) / bandwidth
+    result = {
+        "benchmark": "latency", "shape": args.shape, "dtype": args.dtype,
+        "input_len": args.input_len, "output_len": args.output_len, "options": options,
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "weight_bytes": weight_bytes, "kv_bytes_mean": kv_bytes,
+        "ttft_s": ttft, "decode_ms_per_token": per_token * 1e3,
+        "decode_tokens_per_s": 1 / per_token,
+        "roofline_ms_per_token": floor * 1e3, "roofline_tokens_per_s": 1 / floor,
+        "fraction_of_roofline": floor / per_token,
+        "achieved_GBps": (weight_bytes + kv_bytes) / per_token / 1e9,
+        "startup_s": startup,
+        "host_ms_per_step": 1e3 * (engine.stats.host_time + engine.stats.schedule_time
+                                   + engine.stats.postprocess_time) / max(engine.stats.num_steps, 1),
+        "device_ms_per_step": 1e3 * engine.stats.device_time / max(engine.stats.num_steps, 1),
+        "environment": environment(),
+    }
+    print(f"batch-1 decode {result['decode_tokens_per_s']:.1f} tok/s ({per_token * 1e3:.2f} ms/token); "
+          f"roofline {result['roofline_tokens_per_s']:.1f} tok/s -> {100 * result['fraction_of_roofline']:.0f}%; "
+          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; TTFT {ttft * 1e3:.1f} ms")
+    print("wrote", write_result("latency", result, args.out))
+
+
+if __name__ == "__main__":
+    main()

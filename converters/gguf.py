@@ -1,0 +1,476 @@
+"""GGUF (llama.cpp) -> Hugging Face checkpoint directory, with numpy only (no torch).
+
+Handles llama-architecture files (llama.cpp also writes Mistral and other llama-likes
+as ``llama``): the tensors are dequantized with ``gguf.quants.dequantize``, renamed to
+the HF Llama names, and the rotary row permutation that llama.cpp's converter applies
+to the Q and K projections is undone. The tokenizer is rebuilt from the GGUF metadata
+with transformers' GGUF tokenizer converter (which needs no torch).
+
+The output directory holds ``config.json``, ``generation_config.json``,
+``model.safetensors`` (float32; sharded with an index when large), ``tokenizer.json``,
+``tokenizer_config.json`` and the chat template. It is written into a temporary sibling
+directory and renamed into place, so a crash never leaves a half-converted directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+DEFAULT_MAX_SHARD_BYTES = 4 << 30
+
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Tensors llama.cpp stores but the HF checkpoint does not (recomputed by the model).
+_SKIPPED_TENSORS = {"rope_freqs.weight"}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+# Pre-tokenizer regexes for byte-level BPE vocabularies, by `tokenizer.ggml.pre`.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class GGUFConversionError(ValueError):
+    """The GGUF file cannot be converted (unsupported architecture/type, bad shapes)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------
+
+def _read_metadata(reader) -> dict[str, Any]:
+    """All key/value fields as Python values (strings, numbers, lists)."""
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # pragma: no cover - exotic value types we don't need
+            logger.debug("skipping unreadable GGUF field %s", key)
+    return meta
+
+
+def _f32(value) -> float:
+    """A float32 metadata value as the short decimal it was written from (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _required(meta: dict, key: str, path: Path):
+    if key not in meta:
+        raise GGUFConversionError(f"{path}: GGUF metadata key {key!r} is missing")
+    return meta[key]
+
+
+def _llama3_rope_scaling(rope_freqs: np.ndarray, head_dim: int, theta: float) -> dict:
+    """Recovers transformers' llama3 rope_scaling from llama.cpp's `rope_freqs` tensor.
+
+    llama.cpp bakes the llama3 frequency factors into a tensor instead of metadata; we
+    try the published parameter sets and keep the one that reproduces it exactly.
+    """
+    rope_freqs = np.asarray(rope_freqs, dtype=np.float64).reshape(-1)
+    factor = float(rope_freqs.max())
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    for low, high, orig in ((1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 4.0, 16384), (1.0, 4.0, 131072)):
+        low_wavelen, high_wavelen = orig / low, orig / high
+        smooth = (orig / wavelen - low) / (high - low)
+        expected = np.where(wavelen < high_wavelen, 1.0,
+                            np.where(wavelen > low_wavelen, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+        if expected.shape == rope_freqs.shape and np.allclose(expected, rope_freqs, rtol=1e-3, atol=1e-3):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                    "high_freq_factor": high, "original_max_position_embeddings": orig}
+    raise GGUFConversionError(
+        "the GGUF file has a rope_freqs tensor (llama3-style rope scaling) whose values match "
+        "no known llama3 rope_scaling parameters; cannot write an equivalent HF config")
+
+
+def _build_config(meta: dict, tensor_names: set[str], path: Path) -> dict:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFConversionError(
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    p = f"{arch}."
+    hidden = int(_required(meta, p + "embedding_length", path))
+    heads = int(_required(meta, p + "attention.head_count", path))
+    kv_heads = int(meta.get(p + "attention.head_count_kv", heads))
+    head_dim = int(meta.get(p + "attention.key_length", meta.get(p + "rope.dimension_count", hidden // heads)))
+    vocab = meta.get(p + "vocab_size")
+    if vocab is None:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = len(tokens) if tokens is not None else None
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(_required(meta, p + "feed_forward_length", path)),
+        "num_hidden_layers": int(_required(meta, p + "block_count", path)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": _f32(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": _f32(meta.get(p + "rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(meta.get(p + "context_length", 2048)),
+        "vocab_size": int(vocab) if vocab is not None else None,
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
+        "torch_dtype": "float32",
+    }
+    for key, hf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            config[hf_key] = int(token_id)
+
+    scaling_type = meta.get(p + "rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        scaling: dict[str, Any] = {"rope_type": scaling_type, "factor": float(meta.get(p + "rope.scaling.factor", 1.0))}
+        orig = meta.get(p + "rope.scaling.original_context_length")
+        if orig:
+            scaling["original_max_position_embeddings"] = int(orig)
+        config["rope_scaling"] = scaling
+    if meta.get(p + "rope.dimension_count", head_dim) != head_dim:
+        raise GGUFConversionError(f"{path}: partial rotary embeddings "
+                                  f"(rope.dimension_count={meta[p + 'rope.dimension_count']} != head_dim={head_dim}) "
+                                  "are not supported for llama")
+    if meta.get(p + "expert_count"):
+        raise GGUFConversionError(f"{path}: mixture-of-experts llama GGUF files are not supported")
+    return config
+
+
+# ---------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    m = _LAYER_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_TENSORS:
+        return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's `LlamaModel.permute` (rows of Q/K weights, or Q/K biases).
+
+    llama.cpp: ``w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2)``,
+    i.e. HF's half-split rotary layout -> interleaved pairs. Undo: view the rows as
+    (n_head, rows // n_head // 2, 2) and swap the last two back.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise GGUFConversionError(f"cannot un-permute {rows} rows over {n_head} heads")
+    rest = w.shape[1:]
+    return np.ascontiguousarray(
+        w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape))
+
+
+def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's `LlamaModel.permute` (HF layout -> GGUF layout); used by tests."""
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return np.ascontiguousarray(
+        w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape))
+
+
+def _dequantize(tensor) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qtype = GGMLQuantizationType(int(tensor.tensor_type))
+    if qtype.name not in SUPPORTED_TENSOR_TYPES:
+        raise GGUFConversionError(f"tensor {tensor.name!r} has type {qtype.name}, not one of "
+                                  f"{', '.join(SUPPORTED_TENSOR_TYPES)}")
+    # GGUF lists dims fastest-first (ggml ne[]); numpy wants them slowest-first.
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    array = np.asarray(dequantize(np.asarray(tensor.data), qtype), dtype=np.float32)
+    if array.size != int(np.prod(shape)):
+        raise GGUFConversionError(f"tensor {tensor.name!r}: {array.size} values for shape {shape}")
+    return array.reshape(shape)
+
+
+def _expected_shapes(config: dict, o_bias: bool) -> dict[str, tuple[int, ...]]:
+    h, i = config["hidden_size"], config["intermediate_size"]
+    d = config["head_dim"]
+    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (config["vocab_size"], h)
+    for n in range(config["num_hidden_layers"]):
+        pre = f"model.layers.{n}."
+        shapes.update({
+            pre + "self_attn.q_proj.weight": (q, h), pre + "self_attn.k_proj.weight": (kv, h),
+            pre + "self_attn.v_proj.weight": (kv, h), pre + "self_attn.o_proj.weight": (h, q),
+            pre + "mlp.gate_proj.weight": (i, h), pre + "mlp.up_proj.weight": (i, h),
+            pre + "mlp.down_proj.weight": (h, i),
+            pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
+        })
+        if config.get("attention_bias"):
+            shapes.update({pre + "self_attn.q_proj.bias": (q,), pre + "self_attn.k_proj.bias": (kv,),
+                           pre + "self_attn.v_proj.bias": (kv,)})
+            if o_bias:
+                shapes[pre + "self_attn.o_proj.bias"] = (h,)
+        if config.get("mlp_bias"):
+            shapes.update({pre + "mlp.gate_proj.bias": (i,), pre + "mlp.up_proj.bias": (i,),
+                           pre + "mlp.down_proj.bias": (h,)})
+    return shapes
+
+
+def _iter_hf_tensors(reader, config: dict, path: Path, progress: bool) -> Iterator[tuple[str, np.ndarray]]:
+    from tqdm.auto import tqdm
+
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
+        if tensor.name in _SKIPPED_TENSORS:
+            continue
+        name = _hf_name(tensor.name)
+        if name is None:
+            raise GGUFConversionError(f"{path}: GGUF tensor {tensor.name!r} has no HF Llama counterpart")
+        array = _dequantize(tensor)
+        if ".self_attn.q_proj." in name:
+            array = unpermute_rotary(array, heads)
+        elif ".self_attn.k_proj." in name:
+            array = unpermute_rotary(array, kv_heads)
+        yield name, array
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------
+
+def _byte_level_pre_tokenizer(pre: str | None):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre == "smollm":  # llama.cpp LLAMA_VOCAB_PRE_TYPE_SMOLLM: single digits, then GPT-2 regex
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre in ("llama-bpe", "llama3"):
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    if pre not in (None, "default", "gpt2", "gpt-2"):
+        logger.warning("GGUF pre-tokenizer %r is not known to lmidist-jax; using the GPT-2 split", pre)
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _build_tokenizer(meta: dict, model_max_length: int | None = None):
+    """A transformers fast tokenizer from the GGUF tokenizer metadata (no torch needed)."""
+    from tokenizers import decoders, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        return None
+    tokenizer_dict = {name: meta[f"tokenizer.{key}"] for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+                      if f"tokenizer.{key}" in meta}
+    tokenizer_type = tokenizer_dict.get("tokenizer_type", "llama")
+    if tokenizer_type not in ("llama", "gpt2"):
+        raise GGUFConversionError(f"GGUF tokenizer model {tokenizer_type!r} is not supported (llama, gpt2)")
+    backend, _ = convert_gguf_tokenizer("llama", tokenizer_dict)
+    byte_level = tokenizer_type == "gpt2"
+    if byte_level:
+        backend.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+        backend.decoder = decoders.ByteLevel()
+
+    def token(key: str) -> str | None:
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
+
+    bos, eos = token("bos"), token("eos")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", not byte_level)) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+        single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
+        pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
+        special = {t: tokens.index(t) for t in (bos if add_bos else None, eos if add_eos else None) if t}
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=list(special.items()))
+    elif byte_level:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:
+        backend.post_processor = None
+
+    kwargs: dict[str, Any] = dict(bos_token=bos, eos_token=eos, unk_token=token("unknown") or token("unk"),
+                                  pad_token=token("padding") or token("pad"), add_bos_token=add_bos,
+                                  add_eos_token=add_eos, clean_up_tokenization_spaces=False,
+                                  model_max_length=model_max_length)
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        kwargs["chat_template"] = template
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------
+
+def _save_weights(tensors: Iterator[tuple[str, np.ndarray]], total_bytes: int, out: Path,
+                  max_shard_bytes: int) -> list[str]:
+    from safetensors.numpy import save_file
+
+    metadata = {"format": "pt"}
+    if total_bytes <= max_shard_bytes:
+        state = dict(tensors)
+        save_file(state, str(out / "model.safetensors"), metadata=metadata)
+        return list(state)
+    # Fill a shard until the next tensor would overflow it; name the shards once all are known.
+    names: list[str] = []
+    current: dict[str, np.ndarray] = {}
+    size = 0
+    tmp_names = []
+
+    def flush():
+        nonlocal current, size
+        if current:
+            tmp = f"shard-{len(tmp_names):05d}.safetensors"
+            save_file(current, str(out / tmp), metadata=metadata)
+            tmp_names.append((tmp, list(current)))
+            current, size = {}, 0
+
+    for name, array in tensors:
+        if current and size + array.nbytes > max_shard_bytes:
+            flush()
+        current[name] = array
+        size += array.nbytes
+        names.append(name)
+    flush()
+    n = len(tmp_names)
+    weight_map = {}
+    for k, (tmp, shard_names) in enumerate(tmp_names):
+        final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(out / tmp, out / final)
+        weight_map.update({t: final for t in shard_names})
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _current_umask() -> int:
+    try:  # read without changing it (os.umask's set-and-restore races with other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _fix_permissions(directory: Path) -> None:
+    """mkdtemp makes a 0700 directory (and some writers 0600 files): use the umask's defaults."""
+    umask = _current_umask()
+    os.chmod(directory, 0o777 & ~umask)
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
+def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       overwrite: bool = False, progress: bool = False,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Converts a llama-architecture GGUF file into an HF checkpoint directory at `out_dir`.
+
+    Weights are dequantized to float32. Returns `out_dir`. Raises FileExistsError when
+    `out_dir` exists (unless `overwrite`), GGUFConversionError for unsupported files.
+    """
+    import gguf
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir).expanduser().absolute()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    meta = _read_metadata(reader)
+    tensor_names = {t.name for t in reader.tensors}
+    config = _build_config(meta, tensor_names, gguf_path)
+    if "rope_freqs.weight" in tensor_names:
+        rope_freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        config["rope_scaling"] = _llama3_rope_scaling(_dequantize(rope_freqs), config["head_dim"],
+                                                      config["rope_theta"])
+    if config["vocab_size"] is None:
+        embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if embd is None:
+            raise GGUFConversionError(f"{gguf_path}: no token_embd.weight tensor")
+        config["vocab_size"] = int(embd.shape[-1])
+    expected = _expected_shapes(config, o_bias="blk.0.attn_output.bias" in tensor_names)
+
+    def checked() -> Iterator[tuple[str, np.ndarray]]:
+        seen = set()
+        for name, array in _iter_hf_tensors(reader, config, gguf_path, progress):
+            want = expected.get(name)
+            if want is None:
+                raise GGUFConversionError(f"{gguf_path}: unexpected tensor {name} for this config")
+            if array.shape != want:
+                raise GGUFConversionError(f"{gguf_path}: {name} has shape {array.shape}, the config implies {want}")
+            seen.add(name)
+            yield name, array
+        missing = sorted(set(expected) - seen)
+        if missing:
+            raise GGUFConversionError(f"{gguf_path}: tensors missing from the GGUF file: {', '.join(missing[:8])}"
+                                      + (" ..." if len(missing) > 8 else ""))
+
+    total_bytes = sum(4 * int(np.prod(s)) for s in expected.values())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _save_weights(checked(), total_bytes, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"_from_model_config": True}
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in config:
+                generation[key] = config[key]
+        eot = meta.get("tokenizer.ggml.eot_token_id")
+        if eot is not None and "eos_token_id" in config and int(eot) != config["eos_token_id"]:
+            generation["eos_token_id"] = [config["eos_token_id"], int(eot)]
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        tokenizer = _build_tokenizer(meta, config["max_position_embeddings"])
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        else:
+            logger.warning("%s has no tokenizer metadata; %s will have no tokenizer", gguf_path, out_dir)
+        _fix_permissions(tmp)
+        # Everything is on disk: now swap it into place.
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
