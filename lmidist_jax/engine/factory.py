@@ -154,8 +154,7 @@ def _activation_peak_bytes(model, config, max_model_len, max_num_seqs, max_num_b
     peak = 0
     for T, S, decode_only in (probe.warmup_shapes()[-1], (probe.seq_buckets[-1],) * 2 + (True,)):
         batch = probe._dummy_batch(T, S, decode_only)
-        compiled = probe._step.lower(model.state, probe.kv_caches, probe.prompt_mask,
-                                     probe.output_counts, batch).compile()
+        compiled = probe._step.lower(*probe._args(batch, 1)).compile()
         analysis = compiled.memory_analysis()
         if analysis is not None:
             peak = max(peak, int(analysis.temp_size_in_bytes))

@@ -174,10 +174,7 @@ class LLMEngine:
     def _postprocess(self, sched: SchedulerOutput, result, samples, num_steps: int) -> list[RequestOutput]:
         now = time.monotonic()
         new_tokens: dict[str, dict[int, list]] = {}
-        if num_steps == 1:
-            step_results = [(result.token_ids, result.logprobs, result.top_ids, result.top_logprobs)]
-        else:
-            step_results = list(zip(result.token_ids, result.logprobs, result.top_ids, result.top_logprobs))
+        step_results = zip(result.token_ids, result.logprobs, result.top_ids, result.top_logprobs)
         for token_ids, logprobs, top_ids, top_logprobs in step_results:
             for i, item in enumerate(sched.scheduled):
                 seq = item.seq

@@ -118,23 +118,33 @@ class ModelRunner:
             out = sample(logits, prompt_mask[slots], output_counts[slots], sampling, num_top)
             return kv_caches, prompt_mask, output_counts, out
 
-        def step_fn(state, kv_caches, prompt_mask, output_counts, batch: StepBatch, num_steps: int = 1):
+        max_steps = max(1, self.decode_steps)
+
+        def step_fn(state, kv_caches, prompt_mask, output_counts, batch: StepBatch, num_steps):
+            """Returns outputs stacked [steps, S, ...]: 1 step for mixed batches, up to
+            max_steps (num_steps, a traced scalar) for decode-only batches."""
             module = nnx.merge(graphdef, state)
             # Clear the count rows of sequences placed since their last step.
             prompt_mask = prompt_mask.at[batch.reset_slots].set(False)
             output_counts = output_counts.at[batch.reset_slots].set(0)
-            if num_steps == 1:
-                return forward_and_sample(module, kv_caches, prompt_mask, output_counts, batch.input_ids,
-                                          batch.token_is_output, batch.token_slots, batch.md, batch.slots,
-                                          batch.sampling)
-            # Several decode steps in one dispatch: each step's samples are the next
-            # step's inputs; positions and KV slots advance on the device (the host
+            if not batch.md.decode_only:
+                kv_caches, prompt_mask, output_counts, out = forward_and_sample(
+                    module, kv_caches, prompt_mask, output_counts, batch.input_ids, batch.token_is_output,
+                    batch.token_slots, batch.md, batch.slots, batch.sampling)
+                return kv_caches, prompt_mask, output_counts, jax.tree_util.tree_map(lambda x: x[None], out)
+            # Decode: num_steps steps in one dispatch; each step's samples are the next
+            # step's inputs, positions and KV slots advance on the device (the host
             # reserved the blocks). Host overhead is paid once per num_steps tokens.
             md0 = batch.md
             valid = md0.seq_lens > 0
+            num_seqs = batch.slots.shape[0]
+            outs = SampleOutput(
+                jnp.zeros((max_steps, num_seqs), jnp.int32), jnp.zeros((max_steps, num_seqs), jnp.float32),
+                jnp.zeros((max_steps, num_seqs, num_top), jnp.int32),
+                jnp.zeros((max_steps, num_seqs, num_top), jnp.float32))
 
-            def one_step(carry, i):
-                kv_caches, prompt_mask, output_counts, input_ids = carry
+            def one_step(i, carry):
+                kv_caches, prompt_mask, output_counts, input_ids, outs = carry
                 seq_lens = jnp.where(valid, md0.seq_lens + i, 0)
                 positions = jnp.maximum(seq_lens - 1, 0)
                 blocks = jnp.take_along_axis(md0.block_tables, (positions // block_size)[:, None], axis=1)[:, 0]
@@ -145,13 +155,15 @@ class ModelRunner:
                 kv_caches, prompt_mask, output_counts, out = forward_and_sample(
                     module, kv_caches, prompt_mask, output_counts, input_ids, token_is_output,
                     batch.token_slots, md, batch.slots, sampling)
-                return (kv_caches, prompt_mask, output_counts, out.token_ids), out
+                outs = jax.tree_util.tree_map(lambda buf, x: buf.at[i].set(x), outs, out)
+                return kv_caches, prompt_mask, output_counts, out.token_ids, outs
 
-            (kv_caches, prompt_mask, output_counts, _), outs = jax.lax.scan(
-                one_step, (kv_caches, prompt_mask, output_counts, batch.input_ids), jnp.arange(num_steps))
-            return kv_caches, prompt_mask, output_counts, outs  # fields stacked [num_steps, S, ...]
+            kv_caches, prompt_mask, output_counts, _, outs = jax.lax.fori_loop(
+                0, num_steps, one_step, (kv_caches, prompt_mask, output_counts, batch.input_ids, outs))
+            return kv_caches, prompt_mask, output_counts, outs
 
-        self._step = jax.jit(step_fn, donate_argnums=(1, 2, 3), static_argnames=("num_steps",))
+        self._step = jax.jit(step_fn, donate_argnums=(1, 2, 3))
+        self._compiled: dict[tuple[int, int, bool], object] = {}
 
     # -- KV cache ------------------------------------------------------------------
 
@@ -244,8 +256,8 @@ class ModelRunner:
     # -- execution -----------------------------------------------------------------
 
     def execute(self, sched: SchedulerOutput, num_steps: int = 1) -> ModelRunnerOutput:
-        """Run the step; with num_steps > 1 (decode-only) that many decode steps run in one
-        dispatch and the outputs are [num_steps, num_scheduled]."""
+        """Run the step; decode-only batches may run num_steps decode steps in one
+        dispatch. Outputs are [num_steps, num_scheduled, ...]."""
         t0 = time.perf_counter()
         batch = self._pack(sched)
         if multihost.is_multiprocess():
@@ -254,36 +266,52 @@ class ModelRunner:
         t1 = time.perf_counter()
         out = self._run(batch, num_steps)
         n = len(sched.scheduled)
-        token_ids = np.asarray(out.token_ids)[..., :n]  # blocks until the device is done
+        token_ids = np.asarray(out.token_ids)[:num_steps, :n]  # blocks until the device is done
         t2 = time.perf_counter()
-        return ModelRunnerOutput(token_ids, np.asarray(out.logprobs)[..., :n],
-                                 np.asarray(out.top_ids)[..., :n, :], np.asarray(out.top_logprobs)[..., :n, :],
+        return ModelRunnerOutput(token_ids, np.asarray(out.logprobs)[:num_steps, :n],
+                                 np.asarray(out.top_ids)[:num_steps, :n], np.asarray(out.top_logprobs)[:num_steps, :n],
                                  host_time=t1 - t0, device_time=t2 - t1)
 
+    def _args(self, batch: StepBatch, num_steps: int):
+        return (self.model.state, self.kv_caches, self.prompt_mask, self.output_counts, batch,
+                np.int32(num_steps))
+
     def _run(self, batch: StepBatch, num_steps: int = 1) -> SampleOutput:
-        self.kv_caches, self.prompt_mask, self.output_counts, out = self._step(
-            self.model.state, self.kv_caches, self.prompt_mask, self.output_counts, batch,
-            num_steps=num_steps)
+        key = (batch.input_ids.shape[0], batch.slots.shape[0], batch.md.decode_only)
+        step = self._compiled.get(key, self._step)
+        self.kv_caches, self.prompt_mask, self.output_counts, out = step(*self._args(batch, num_steps))
         return out
 
-    def warmup_shapes(self) -> list[tuple[int, int, bool, int]]:
-        """(tokens, sequences, decode_only, num_steps) of every compiled step."""
-        shapes = [(s, s, True, 1) for s in self.seq_buckets]
-        if self.decode_steps > 1:
-            shapes += [(s, s, True, self.decode_steps) for s in self.seq_buckets]
-        shapes += [(t, min(t, self.seq_buckets[-1]), False, 1) for t in self.token_buckets]
+    def warmup_shapes(self) -> list[tuple[int, int, bool]]:
+        """(tokens, sequences, decode_only) of every compiled step."""
+        shapes = [(s, s, True) for s in self.seq_buckets]
+        shapes += [(t, min(t, self.seq_buckets[-1]), False) for t in self.token_buckets]
         return shapes
 
-    def warmup(self, progress: bool = True) -> None:
-        """Compile every bucket by running it once on padding (writes go to trash block 0)."""
+    def warmup(self, progress: bool = True, threads: int | None = None) -> None:
+        """Compile every bucket ahead of time, several at once (XLA compiles in parallel
+        threads), then run each once on padding (writes go to trash block 0)."""
         if self.enforce_eager:
             return
+        import concurrent.futures
+        import os
+
         from tqdm.auto import tqdm
 
-        for T, S, decode_only, num_steps in tqdm(self.warmup_shapes(), desc="compiling buckets",
-                                                 disable=not progress):
-            batch = self._dummy_batch(T, S, decode_only)
-            jax.block_until_ready(self._run(batch, num_steps))
+        shapes = self.warmup_shapes()
+        threads = threads or min(len(shapes), max(1, (os.cpu_count() or 2) // 2))
+
+        def compile_one(shape):
+            batch = self._dummy_batch(*shape)
+            return shape, self._step.lower(*self._args(batch, 1)).compile()
+
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool, \
+                tqdm(total=len(shapes), desc="compiling buckets", disable=not progress) as bar:
+            for shape, compiled in pool.map(compile_one, shapes):
+                self._compiled[shape] = compiled
+                bar.update(1)
+        for shape in shapes:
+            jax.block_until_ready(self._run(self._dummy_batch(*shape), 1))
             self.num_compiled_steps += 1
 
     def _dummy_batch(self, T: int, S: int, decode_only: bool) -> StepBatch:

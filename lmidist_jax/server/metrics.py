@@ -1,0 +1,104 @@
+"""Prometheus metrics of one server, in a registry of its own (not the global one,
+so several apps can live in one process, e.g. in tests).
+
+Exported (``GET /metrics``):
+
+=========================================  =========  ==========================================
+name                                       type       meaning
+=========================================  =========  ==========================================
+lmidist_requests_total{status}             counter    HTTP responses by status code
+lmidist_aborted_requests_total             counter    streams closed by the client before the end
+lmidist_prompt_tokens_total                counter    prompt tokens of admitted requests
+lmidist_generation_tokens_total            counter    generated tokens
+lmidist_running_sequences                  gauge      sequences in the running batch
+lmidist_waiting_sequences                  gauge      sequences waiting to be scheduled
+lmidist_active_requests                    gauge      requests the engine loop is serving
+lmidist_kv_blocks_used / _free             gauge      KV-cache blocks in use / free
+lmidist_engine_healthy                     gauge      1 when the engine is ready and healthy
+lmidist_time_to_first_token_seconds        histogram  request arrival -> first token
+lmidist_inter_token_latency_seconds        histogram  gap between tokens (per token)
+lmidist_request_latency_seconds            histogram  request arrival -> last token
+=========================================  =========  ==========================================
+
+The gauges are read from ``EngineLoop.stats()`` at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                   2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+
+
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("lmidist_requests", "HTTP responses by status code", ["status"], registry=r)
+        self.aborted = Counter("lmidist_aborted_requests", "Streams closed by the client before the end",
+                               registry=r)
+        self.prompt_tokens = Counter("lmidist_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("lmidist_generation_tokens", "Generated tokens", registry=r)
+        self.running = Gauge("lmidist_running_sequences", "Sequences in the running batch", registry=r)
+        self.waiting = Gauge("lmidist_waiting_sequences", "Sequences waiting to be scheduled", registry=r)
+        self.active = Gauge("lmidist_active_requests", "Requests the engine loop is serving", registry=r)
+        self.kv_used = Gauge("lmidist_kv_blocks_used", "KV-cache blocks in use", registry=r)
+        self.kv_free = Gauge("lmidist_kv_blocks_free", "KV-cache blocks free", registry=r)
+        self.healthy = Gauge("lmidist_engine_healthy", "1 when the engine is ready and healthy", registry=r)
+        self.ttft = Histogram("lmidist_time_to_first_token_seconds", "Request arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("lmidist_inter_token_latency_seconds", "Gap between consecutive tokens",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("lmidist_request_latency_seconds", "Request arrival to last token",
+                             buckets=REQUEST_BUCKETS, registry=r)
+
+    def render(self, stats: dict | None, healthy: bool) -> bytes:
+        s = stats or {}
+        self.running.set(s.get("running", 0))
+        self.waiting.set(s.get("waiting", 0))
+        self.active.set(s.get("num_requests", 0))
+        self.kv_used.set(s.get("kv_blocks_used", 0))
+        self.kv_free.set(s.get("kv_blocks_free", 0))
+        self.healthy.set(1 if healthy else 0)
+        return generate_latest(self.registry)
+
+    def tracker(self, start: float | None = None) -> "RequestTracker":
+        return RequestTracker(self, start)
+
+
+class RequestTracker:
+    """Per-request timing: feed it each RequestOutput as it arrives."""
+
+    def __init__(self, metrics: ServerMetrics, start: float | None = None):
+        self.m = metrics
+        self.start = start if start is not None else time.perf_counter()
+        self.last: float | None = None
+        self.prompt_counted = False
+        self.done = False
+
+    def observe(self, out) -> None:
+        now = time.perf_counter()
+        if not self.prompt_counted:
+            self.prompt_counted = True
+            self.m.prompt_tokens.inc(len(out.prompt_token_ids))
+        k = sum(len(c.token_ids) for c in out.outputs) if out.finished and self.last is None else 0
+        k = len(out.new_token_ids) if out.new_token_ids else k
+        if k:
+            self.m.generation_tokens.inc(k)
+            if self.last is None:
+                self.m.ttft.observe(now - self.start)
+                for _ in range(k - 1):
+                    self.m.itl.observe(0.0)
+            else:
+                gap = (now - self.last) / k
+                for _ in range(k):
+                    self.m.itl.observe(gap)
+            self.last = now
+        if out.finished and not self.done:
+            self.done = True
+            self.m.e2e.observe(now - self.start)
