@@ -15,9 +15,9 @@ ORDER = np.array([3, 0, 6, 1, 7, 2, 5, 4])  # token ORDER[i] has probability PRO
 
 def batch(n, **kw):
     fields = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                  presence_penalty=0.0, frequency_penalty=0.0, seeds=0, sample_index=0)
+                  presence_penalty=0.0, frequency_penalty=0.0, seeds=0, sample_index=0, top_n=0)
     fields.update(kw)
-    dtypes = dict(top_k=jnp.int32, seeds=jnp.uint32, sample_index=jnp.int32)
+    dtypes = dict(top_k=jnp.int32, seeds=jnp.uint32, sample_index=jnp.int32, top_n=jnp.int32)
     return SamplingBatch(**{k: jnp.asarray(np.broadcast_to(v, (n,)), dtypes.get(k, jnp.float32))
                             for k, v in fields.items()})
 
@@ -47,25 +47,27 @@ def test_samples_stay_in_support_and_follow_distribution():
     logits = jnp.asarray(np.tile(logits_row(), (n, 1)))
     zeros_b = jnp.zeros((n, V), bool)
     zeros_i = jnp.zeros((n, V), jnp.int32)
+    slots = jnp.arange(n)
+    run = jax.jit(sample, static_argnums=5)
     params = batch(n, top_k=4, seeds=np.arange(n), sample_index=0)
-    out = jax.jit(sample, static_argnums=4)(logits, zeros_b, zeros_i, params, 0)
+    out = run(logits, zeros_b, zeros_i, slots, params, 0)
     tokens = np.asarray(out.token_ids)
     assert set(tokens.tolist()) <= set(ORDER[:4].tolist())
     freq = np.array([(tokens == t).mean() for t in ORDER[:4]])
     expected = PROBS[:4] / PROBS[:4].sum()
     assert np.abs(freq - expected).max() < 0.03
     # Same seeds and positions -> same samples; another position -> different.
-    again = jax.jit(sample, static_argnums=4)(logits, zeros_b, zeros_i, params, 0)
+    again = run(logits, zeros_b, zeros_i, slots, params, 0)
     assert (np.asarray(again.token_ids) == tokens).all()
     params2 = batch(n, top_k=4, seeds=np.arange(n), sample_index=1)
-    other = jax.jit(sample, static_argnums=4)(logits, zeros_b, zeros_i, params2, 0)
+    other = run(logits, zeros_b, zeros_i, slots, params2, 0)
     assert (np.asarray(other.token_ids) != tokens).mean() > 0.3
 
 
 def test_greedy_rows_take_argmax_and_logprobs_are_model_logprobs():
     logits = jnp.asarray(np.stack([logits_row(), logits_row()[::-1].copy()]))
-    out = sample(logits, jnp.zeros((2, V), bool), jnp.zeros((2, V), jnp.int32),
-                 batch(2, temperature=0.0), 3)
+    out = sample(logits, jnp.zeros((2, V), bool), jnp.zeros((2, V), jnp.int32), jnp.arange(2),
+                 batch(2, temperature=0.0, top_n=3), 3)
     assert np.asarray(out.token_ids).tolist() == [ORDER[0], V - 1 - ORDER[0]]
     np.testing.assert_allclose(np.asarray(out.logprobs), np.log(PROBS[0]), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(out.top_logprobs)[0], np.log(PROBS[:3]), rtol=1e-5)
@@ -103,3 +105,14 @@ def test_penalties_match_numpy_reference():
     got = apply_penalties(logits, masks, counts, batch(6, repetition_penalty=rep, presence_penalty=pres,
                                                         frequency_penalty=freq))
     np.testing.assert_allclose(np.asarray(got), np.stack(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_penalties_applied_through_sample_rows():
+    """sample() picks each sequence's count row by slot, and skips rows without penalties."""
+    logits = jnp.asarray(np.stack([logits_row(), logits_row()]))
+    prompt_mask = np.zeros((3, V), bool)
+    prompt_mask[2, ORDER[0]] = True  # row 2 = slot of sequence 0
+    out = sample(logits, jnp.asarray(prompt_mask), jnp.zeros((3, V), jnp.int32), jnp.asarray([2, 0]),
+                 batch(2, temperature=0.0, repetition_penalty=np.array([100.0, 1.0], np.float32)), 0)
+    # The favourite token is penalized for sequence 0 only.
+    assert np.asarray(out.token_ids).tolist() == [ORDER[1], ORDER[0]]

@@ -115,7 +115,7 @@ class ModelRunner:
             prompt_mask = prompt_mask.at[prompt_rows, input_ids].set(True)
             output_counts = output_counts.at[output_rows, input_ids].add(1)
             logits = module.logits(hidden[md.logits_indices])
-            out = sample(logits, prompt_mask[slots], output_counts[slots], sampling, num_top)
+            out = sample(logits, prompt_mask, output_counts, slots, sampling, num_top)
             return kv_caches, prompt_mask, output_counts, out
 
         max_steps = max(1, self.decode_steps)
@@ -214,6 +214,7 @@ class ModelRunner:
         frequency = np.zeros(S, np.float32)
         seeds = np.zeros(S, np.uint32)
         sample_index = np.zeros(S, np.int32)
+        top_n = np.zeros(S, np.int32)
 
         t = 0
         for row, item in enumerate(items):
@@ -230,11 +231,12 @@ class ModelRunner:
             seq_lens[row] = start + n
             logits_indices[row] = t + n - 1
             slots[row] = seq.slot
-            token_slots[t:t + n] = seq.slot
+            p = seq.request.sampling_params
+            if p.uses_penalties:  # only penalized sequences need their tokens counted
+                token_slots[t:t + n] = seq.slot
             if seq.needs_slot_reset:
                 reset_slots[row] = seq.slot
                 seq.needs_slot_reset = False
-            p = seq.request.sampling_params
             temperature[row] = p.temperature
             top_k[row] = p.top_k
             top_p[row] = p.top_p
@@ -244,13 +246,14 @@ class ModelRunner:
             frequency[row] = p.frequency_penalty
             seeds[row] = seq.seed
             sample_index[row] = seq.num_output_tokens
+            top_n[row] = p.top_n_tokens
             t += n
 
         md = AttentionMetadata(
             positions=positions, slot_mapping=slot_mapping, token_seq_ids=token_seq_ids,
             block_tables=block_tables, seq_lens=seq_lens, logits_indices=logits_indices,
             decode_only=decode_only, backend=self.backend, mesh=self.attention_mesh)
-        sampling = SamplingBatch(temperature, top_k, top_p, min_p, rep, presence, frequency, seeds, sample_index)
+        sampling = SamplingBatch(temperature, top_k, top_p, min_p, rep, presence, frequency, seeds, sample_index, top_n)
         return StepBatch(input_ids, token_is_output, token_slots, md, slots, reset_slots, sampling)
 
     # -- execution -----------------------------------------------------------------
@@ -322,7 +325,7 @@ class ModelRunner:
             logits_indices=z(S), decode_only=decode_only, backend=self.backend, mesh=self.attention_mesh)
         sampling = SamplingBatch(z(S, np.float32), z(S), np.ones(S, np.float32), z(S, np.float32),
                                  np.ones(S, np.float32), z(S, np.float32), z(S, np.float32),
-                                 z(S, np.uint32), z(S))
+                                 z(S, np.uint32), z(S), z(S))
         trash = np.full(S, self.trash_slot, np.int32)
         return StepBatch(z(T), z(T, np.bool_), np.full(T, self.trash_slot, np.int32), md, trash, trash, sampling)
 

@@ -29,6 +29,7 @@ class SamplingBatch:
     frequency_penalty: jax.Array  # f32
     seeds: jax.Array             # u32
     sample_index: jax.Array      # i32 number of output tokens so far (noise position)
+    top_n: jax.Array             # i32 top alternatives wanted (0 = none)
 
 
 @jax.tree_util.register_dataclass
@@ -70,10 +71,21 @@ def truncation_mask(logits, params: SamplingBatch):
     return logits >= threshold
 
 
-def sample(logits, prompt_mask, output_counts, params: SamplingBatch, num_top_logprobs: int) -> SampleOutput:
-    """logits [S, V] float32 -> sampled tokens and logprobs."""
+def sample(logits, prompt_mask, output_counts, slots, params: SamplingBatch,
+           num_top_logprobs: int) -> SampleOutput:
+    """logits [S, V] float32 -> sampled tokens and logprobs.
+
+    prompt_mask / output_counts are the device-wide count rows; ``slots`` [S] picks each
+    sequence's row. Work that no row of the batch needs (penalties, truncation, top-n
+    alternatives) is skipped at run time with lax.cond."""
     model_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    logits = apply_penalties(logits, prompt_mask, output_counts, params)
+    penalized = ((params.repetition_penalty != 1.0) | (params.presence_penalty != 0.0)
+                 | (params.frequency_penalty != 0.0))
+    logits = jax.lax.cond(
+        jnp.any(penalized),
+        lambda x: apply_penalties(x, prompt_mask[slots], output_counts[slots], params),
+        lambda x: x,
+        logits)
     greedy_tokens = jnp.argmax(logits, axis=-1)
 
     temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
@@ -95,9 +107,18 @@ def sample(logits, prompt_mask, output_counts, params: SamplingBatch, num_top_lo
     sampled_tokens = jnp.argmax(scaled + noise, axis=-1)
     tokens = jnp.where(params.temperature > 0, sampled_tokens, greedy_tokens).astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
+    num_rows = logits.shape[0]
     if num_top_logprobs > 0:
-        top_logprobs, top_ids = jax.lax.top_k(model_logprobs, num_top_logprobs)
+        def top(x):
+            values, ids = jax.lax.top_k(x, num_top_logprobs)
+            return values, ids.astype(jnp.int32)
+
+        def no_top(x):
+            return (jnp.zeros((num_rows, num_top_logprobs), jnp.float32),
+                    jnp.zeros((num_rows, num_top_logprobs), jnp.int32))
+
+        top_logprobs, top_ids = jax.lax.cond(jnp.any(params.top_n > 0), top, no_top, model_logprobs)
     else:
-        top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
-        top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
-    return SampleOutput(tokens, token_logprobs, top_ids.astype(jnp.int32), top_logprobs)
+        top_logprobs = jnp.zeros((num_rows, 0), jnp.float32)
+        top_ids = jnp.zeros((num_rows, 0), jnp.int32)
+    return SampleOutput(tokens, token_logprobs, top_ids, top_logprobs)

@@ -114,12 +114,17 @@ def random_model(spec: ModelSpec, *, dtype, mesh: Mesh, seed: int = 0,
     spec = spec_for_mesh(spec, mesh.shape[parallel.TP_AXIS])
     graphdef, state = abstract_model(spec, dtype, max_model_len)
     key = jax.random.key(seed)
+    # One compiled initializer per distinct (shape, dtype, placement): a 32-layer model
+    # has a handful, not one per weight.
+    initializers = {}
     for i, (path, var) in enumerate(sorted(_variables(state).items(), key=lambda kv: str(kv[0]))):
         sharding = parallel.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
         is_norm = path[-1] == "scale"
-        init = jax.jit(
-            lambda k, shape=var.shape, dt=var.dtype, norm=is_norm: (
-                jnp.ones(shape, dt) if norm else (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dt)),
-            out_shardings=sharding)
-        var.set_value(init(jax.random.fold_in(key, i)))
+        cache_key = (tuple(var.shape), jnp.dtype(var.dtype).name, sharding.spec, is_norm)
+        if cache_key not in initializers:
+            initializers[cache_key] = jax.jit(
+                lambda k, shape=var.shape, dt=var.dtype, norm=is_norm: (
+                    jnp.ones(shape, dt) if norm else (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dt)),
+                out_shardings=sharding)
+        var.set_value(initializers[cache_key](jax.random.fold_in(key, i)))
     return LoadedModel(spec, graphdef, state, dtype, mesh, source_spec=original)

@@ -79,6 +79,7 @@ class RequestTracker:
         self.start = start if start is not None else time.perf_counter()
         self.last: float | None = None
         self.prompt_counted = False
+        self.tokens = 0
         self.done = False
 
     def observe(self, out) -> None:
@@ -86,8 +87,9 @@ class RequestTracker:
         if not self.prompt_counted:
             self.prompt_counted = True
             self.m.prompt_tokens.inc(len(out.prompt_token_ids))
-        k = sum(len(c.token_ids) for c in out.outputs) if out.finished and self.last is None else 0
-        k = len(out.new_token_ids) if out.new_token_ids else k
+        total = sum(len(c.token_ids) for c in out.outputs)
+        k = max(0, total - self.tokens)
+        self.tokens = max(self.tokens, total)
         if k:
             self.m.generation_tokens.inc(k)
             if self.last is None:

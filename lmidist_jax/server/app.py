@@ -1,0 +1,549 @@
+"""The HTTP server: LMI request schema + OpenAI chat completions, on Flask.
+
+Routes
+------
+=================================  ====================================================
+POST /invocations                  LMI ``{"inputs", "parameters", "stream"}``, or chat
+POST /predictions/<model>          same (``<model>`` must be the served model's name)
+POST /v1/chat/completions          OpenAI chat completions (``stream`` -> SSE)
+GET  /ping                         200 when the engine is ready, 503 while warming up
+                                   or after it failed
+GET  /models, GET /v1/models       the one model (DJL-style / OpenAI-style)
+GET  /metrics                      Prometheus text (see ``metrics.py``)
+=================================  ====================================================
+
+Status codes
+------------
+Every error is JSON ``{"code": N, "error": "<message naming what was wrong>"}``, except
+under ``/v1/`` where it has OpenAI's shape ``{"error": {"message", "type", "param",
+"code": N}}`` (so the ``openai`` client shows the message).
+Rule: anything wrong with the request itself is **400**, whether it is the JSON, its
+shape or a value (lmi-dist's 424 for parse errors is not used); the server's own
+state gives 5xx.
+
+=====  ==============================================================================
+code   when
+=====  ==============================================================================
+400    body is not valid JSON (incl. NaN/Infinity) or not UTF-8, body is not an object,
+       missing/empty ``inputs`` or ``messages``, a field of the wrong type, a parameter
+       out of range (SamplingParams' RequestError), a prompt at or over max_model_len
+       or top_n_tokens over max_logprobs (RequestError from add_request), an unknown
+       ``adapters``/``adapter_id`` (no LoRA adapters are loaded), ``stream`` with a
+       list of inputs, a chat template that fails on the messages
+404    unknown route, or ``/predictions/<model>`` for a model this server does not serve
+405    known route, wrong method
+413    request body over ``max_body_bytes`` (default 8 MiB, ``LMIDIST_JAX_MAX_BODY_BYTES``)
+500    the engine failed while serving the request, or an unexpected server error
+503    the engine is still warming up, has failed (the request is not admitted), or the
+       request queue is full (``job_queue_size`` requests in flight)
+=====  ==============================================================================
+
+Unknown LMI parameters and chat fields are dropped with a warning in the log (as
+lmi-dist did). A failing request never affects the others.
+
+Streaming
+---------
+LMI: ``application/jsonlines`` (one ``{"token": {"id", "text", "log_prob"}}`` per line;
+the last line also carries ``generated_text``, and ``details`` when asked), or
+``text/event-stream`` (``data: {json}\\n\\n`` events, same objects) with
+``output_formatter=sse``. Chat: ``chat.completion.chunk`` SSE events ending with
+``data: [DONE]``. An error after the stream started ends it with a final
+``{"code": N, "error": ...}`` record. A client that disconnects aborts its request
+(its KV blocks are freed at once).
+
+Details
+-------
+``details.prefill`` (with ``decoder_input_details``) lists the prompt tokens with their
+ids and texts; their ``log_prob`` is null unless the engine computed prompt logprobs
+(it currently does not). ``details.best_of_sequences`` holds the other sequences when
+``n`` > 1. ``log_prob`` values are natural-log probabilities under the model's own
+distribution (before penalties/temperature); a non-finite value is sent as null.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from ..sampling_params import RequestError
+from .metrics import ServerMetrics
+from .schema import (BadRequest, ChatStreamBuilder, Limits, LmiRequest, LmiStreamBuilder, chat_response,
+                     dumps, error_body, lmi_response, new_chat_id, parse_chat_request, parse_json_body,
+                     parse_lmi_request)
+
+logger = logging.getLogger("lmidist_jax.server")
+
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+JSON = "application/json"
+JSONLINES = "application/jsonlines"
+SSE = "text/event-stream"
+
+
+class ServerError(Exception):
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ServerState:
+    """What the routes share. ``loop`` is None until the engine is ready."""
+
+    def __init__(self, loop, config, metrics: ServerMetrics, model_name: str, max_body_bytes: int):
+        self.loop = loop
+        self.config = config
+        self.metrics = metrics
+        self.model_name = model_name
+        self.max_body_bytes = max_body_bytes
+        self.startup_error: str | None = None
+        self.created = int(time.time())
+
+    def ready_loop(self):
+        """The engine loop, or ServerError(503) while it cannot take requests."""
+        if self.startup_error is not None:
+            raise ServerError(f"the engine failed to start: {self.startup_error}", 503)
+        if self.loop is None:
+            raise ServerError("the engine is warming up; retry when GET /ping answers 200", 503)
+        if not self.loop.healthy:
+            raise ServerError(f"the engine failed: {self.loop.error}", 503)
+        return self.loop
+
+    @property
+    def output_formatter(self) -> str | None:
+        return getattr(self.config, "output_formatter", None)
+
+    def limits(self, loop) -> Limits:
+        engine = loop.engine
+        max_n = getattr(self.config, "max_rolling_batch_size", None) or 16
+        return Limits(vocab_size=engine.spec.vocab_size, max_model_len=engine.max_model_len,
+                      max_n=max(1, int(max_n)))
+
+
+def served_model_name(config) -> str:
+    name = getattr(config, "served_model_name", None) or getattr(config, "model_name", None)
+    if name:
+        return str(name)
+    model_id = getattr(config, "model_id", None)
+    if model_id:
+        return os.path.basename(str(model_id).rstrip("/")) or str(model_id)
+    from ..model_store import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def _json_response(obj: Any, status: int = 200) -> Response:
+    return Response(dumps(obj), status=status, content_type=JSON)
+
+
+_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+                      413: "invalid_request_error", 500: "internal_error", 503: "service_unavailable"}
+
+
+def openai_error_body(status: int, message: str) -> dict:
+    return {"error": {"message": message, "type": _OPENAI_ERROR_TYPES.get(status, "error"), "param": None,
+                      "code": status}}
+
+
+def _error_record(status: int, message: str) -> dict:
+    """The error object for the current route: OpenAI's shape under /v1/, LMI's elsewhere."""
+    if request.path.startswith("/v1/"):
+        return openai_error_body(status, message)
+    return error_body(status, message)
+
+
+def _error_response(status: int, message: str) -> Response:
+    return _json_response(_error_record(status, message), status)
+
+
+def state_of(app: Flask) -> ServerState:
+    return app.extensions["lmidist"]
+
+
+def set_engine_loop(app: Flask, loop) -> None:
+    """Hand the app its engine loop once the engine is built (ends warm-up)."""
+    state_of(app).loop = loop
+
+
+def set_startup_error(app: Flask, error: BaseException | str) -> None:
+    state_of(app).startup_error = str(error) or type(error).__name__
+
+
+def create_app(engine_loop, config, *, model_name: str | None = None, max_body_bytes: int | None = None,
+               metrics: ServerMetrics | None = None) -> Flask:
+    """The Flask app over an EngineLoop. ``engine_loop`` may be None while the engine
+    warms up (``/ping`` answers 503 until `set_engine_loop`)."""
+    if max_body_bytes is None:
+        max_body_bytes = int(getattr(config, "max_body_bytes", None)
+                             or os.environ.get("LMIDIST_JAX_MAX_BODY_BYTES") or DEFAULT_MAX_BODY_BYTES)
+    app = Flask("lmidist_jax.server")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    app.json.ensure_ascii = False
+    state = ServerState(engine_loop, config, metrics or ServerMetrics(), model_name or served_model_name(config),
+                        max_body_bytes)
+    app.extensions["lmidist"] = state
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        status = e.code or 500
+        if status == 404:
+            message = f"no route {request.method} {request.path}; see GET /models and POST /invocations"
+        elif status == 405:
+            allowed = ", ".join(sorted(m for m in (e.valid_methods or []) if m not in ("HEAD", "OPTIONS")))
+            message = f"method {request.method} is not allowed on {request.path} (allowed: {allowed})"
+        elif status == 413:
+            message = (f"the request body is too large: the limit is {state.max_body_bytes} bytes "
+                       f"(got {request.content_length or 'more'})")
+        else:
+            message = f"{e.name}: {e.description}"
+        return _error_response(status, message)
+
+    @app.errorhandler(BadRequest)
+    def _bad_request(e: BadRequest):
+        return _error_response(e.status, e.message)
+
+    @app.errorhandler(ServerError)
+    def _server_error(e: ServerError):
+        return _error_response(e.status, e.message)
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception):
+        logger.exception("unexpected error serving %s %s", request.method, request.path)
+        return _error_response(500, f"internal server error: {type(e).__name__}: {e}")
+
+    @app.after_request
+    def _count(response: Response):
+        if request.path != "/metrics":
+            state.metrics.requests.labels(status=str(response.status_code)).inc()
+        return response
+
+    # -- info routes ------------------------------------------------------------------
+
+    @app.get("/ping")
+    def ping():
+        try:
+            state.ready_loop()
+        except ServerError as e:
+            return _error_response(e.status, e.message)
+        return _json_response({"status": "healthy"})
+
+    @app.get("/models")
+    def models():
+        status = "READY" if state.loop is not None and state.loop.healthy else (
+            "FAILED" if state.startup_error or state.loop is not None else "LOADING")
+        return _json_response({"models": [{"modelName": state.model_name,
+                                           "modelUrl": str(getattr(config, "model_id", None) or ""),
+                                           "status": status}]})
+
+    @app.get("/v1/models")
+    def openai_models():
+        return _json_response({"object": "list", "data": [
+            {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lmidist-jax"}]})
+
+    @app.get("/metrics")
+    def metrics_route():
+        loop = state.loop
+        stats = loop.stats() if loop is not None else None
+        body = state.metrics.render(stats, loop is not None and loop.healthy)
+        return Response(body, content_type=state.metrics.content_type)
+
+    # -- inference routes ----------------------------------------------------------------
+
+    @app.post("/invocations")
+    def invocations():
+        return _handle(state, chat_only=False)
+
+    @app.post("/predictions/<model>")
+    def predictions(model: str):
+        if model != state.model_name:
+            raise BadRequest(f"model {model!r} is not served here; this server serves {state.model_name!r}", 404)
+        return _handle(state, chat_only=False)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        return _handle(state, chat_only=True)
+
+    return app
+
+
+# -- request handling ------------------------------------------------------------------
+
+
+def _read_body(state: ServerState) -> dict:
+    raw = request.get_data(cache=False)  # raises 413 over MAX_CONTENT_LENGTH
+    return parse_json_body(raw)
+
+
+def _handle(state: ServerState, *, chat_only: bool) -> Response:
+    start = time.perf_counter()
+    loop = state.ready_loop()
+    body = _read_body(state)
+    limits = state.limits(loop)
+    if chat_only or "messages" in body:
+        return _handle_chat(state, loop, body, limits, start)
+    return _handle_lmi(state, loop, body, limits, start)
+
+
+def _submit(loop, request_id: str, prompt, params, where: str = ""):
+    from ..engine.engine_loop import QueueFullError
+
+    try:
+        return loop.submit(request_id, prompt, params)
+    except RequestError as e:
+        raise BadRequest(f"{where}{e}") from None
+    except QueueFullError as e:
+        raise ServerError(f"{e}; retry later", 503) from None
+    except RuntimeError as e:  # the engine failed
+        raise ServerError(str(e), 503) from None
+
+
+def _collect(stream, tracker) -> Any:
+    final = None
+    for out in stream:
+        tracker.observe(out)
+        final = out
+    if final is None or not final.finished:
+        raise ServerError("the request ended without a result (aborted)", 500)
+    if final.error:
+        raise ServerError(f"the request failed: {final.error}", 500)
+    return final
+
+
+def _decoders(loop, skip_special_tokens: bool) -> tuple[Callable[[int], str], Callable[[int], str]]:
+    tok = loop.engine.tokenizer
+    if tok is None:
+        return (lambda t: ""), (lambda t: "")
+    piece = lambda t: tok.decode([t], skip_special_tokens=skip_special_tokens,  # noqa: E731
+                                 clean_up_tokenization_spaces=False)
+    raw = lambda t: tok.decode([t], skip_special_tokens=False)  # noqa: E731
+    return piece, raw
+
+
+def _new_request_id(kind: str) -> str:
+    return f"{kind}-{uuid.uuid4().hex}"
+
+
+def _handle_lmi(state: ServerState, loop, body: dict, limits: Limits, start: float) -> Response:
+    req: LmiRequest = parse_lmi_request(body, limits)
+    streams = []
+    try:
+        for i, prompt in enumerate(req.inputs):
+            where = f"inputs[{i}]: " if req.batched else ""
+            streams.append(_submit(loop, _new_request_id("lmi"), prompt, req.params, where))
+    except BaseException:
+        for s in streams:
+            s.close()
+        raise
+    piece, raw = _decoders(loop, req.params.skip_special_tokens)
+    if req.stream:
+        builder = LmiStreamBuilder(req, req.inputs[0], piece, raw)
+        sse = state.output_formatter == "sse"
+
+        def encode(record: dict) -> bytes:
+            text = dumps(record)
+            return (f"data: {text}\n\n" if sse else text + "\n").encode("utf-8")
+
+        def produce(out) -> list[bytes]:
+            return [encode(r) for r in builder.records(out)]
+
+        body_iter = _StreamBody(state, streams[0], produce, lambda st, msg: encode(error_body(st, msg)),
+                                state.metrics.tracker(start))
+        return _stream_response(body_iter, SSE if sse else JSONLINES)
+    try:
+        results = []
+        for s, prompt in zip(streams, req.inputs):
+            final = _collect(s, state.metrics.tracker(start))
+            results.append(lmi_response(req, prompt, final, raw))
+    except RuntimeError as e:
+        raise ServerError(str(e), 500) from None
+    finally:
+        for s in streams:
+            s.close()
+    return _json_response(results if req.batched else results[0])
+
+
+def _chat_prompt(loop, messages: list[dict]) -> list[int]:
+    tok = loop.engine.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise BadRequest("this model has no chat template: send {\"inputs\": ...} instead of \"messages\"")
+    try:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # jinja errors, raise_exception() in the template
+        raise BadRequest(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    ids = list(ids)
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(t) for t in ids]
+
+
+def _handle_chat(state: ServerState, loop, body: dict, limits: Limits, start: float) -> Response:
+    req = parse_chat_request(body, limits)
+    prompt_ids = _chat_prompt(loop, req.messages)
+    params = req.sampling_params(len(prompt_ids), limits.max_model_len)
+    chat_id = new_chat_id()
+    stream = _submit(loop, chat_id, prompt_ids, params)
+    model = state.model_name
+    if req.stream:
+        builder = ChatStreamBuilder(req, model, chat_id)
+
+        def encode(record: dict) -> bytes:
+            return f"data: {dumps(record)}\n\n".encode("utf-8")
+
+        def produce(out) -> list[bytes]:
+            chunks = [] if builder.started else [builder.first()]
+            chunks += builder.chunks(out)
+            frames = [encode(c) for c in chunks]
+            if out.finished:
+                if req.include_usage:
+                    frames.append(encode(builder.usage_chunk()))
+                frames.append(b"data: [DONE]\n\n")
+            return frames
+
+        error_record = openai_error_body if request.path.startswith("/v1/") else error_body
+        return _stream_response(_StreamBody(state, stream, produce, lambda st, msg: encode(error_record(st, msg)),
+                                            state.metrics.tracker(start)), SSE)
+    try:
+        final = _collect(stream, state.metrics.tracker(start))
+    except RuntimeError as e:
+        raise ServerError(str(e), 500) from None
+    finally:
+        stream.close()
+    return _json_response(chat_response(req, final, model, chat_id, int(time.time())))
+
+
+def _stream_response(body_iter: "_StreamBody", content_type: str) -> Response:
+    response = Response(body_iter, status=200, content_type=content_type)
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
+
+
+class _StreamBody:
+    """The body of a streaming response. Werkzeug calls ``close()`` when the response
+    ends, including when the client went away mid-stream: that aborts the request so
+    its KV blocks are freed (even if iteration never started)."""
+
+    def __init__(self, state: ServerState, stream, produce: Callable[[Any], list[bytes]],
+                 encode_error: Callable[[int, str], bytes], tracker):
+        self.state = state
+        self.stream = stream
+        self.produce = produce
+        self.encode_error = encode_error
+        self.tracker = tracker
+        self.finished = False
+        self.closed = False
+        self._gen: Iterator[bytes] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._gen = self._generate()
+        return self._gen
+
+    def _generate(self) -> Iterator[bytes]:
+        try:
+            for out in self.stream:
+                self.tracker.observe(out)
+                frames = self.produce(out)
+                if out.finished:
+                    self.finished = True
+                yield from frames
+            if not self.finished and not self.closed:
+                self.finished = True
+                yield self.encode_error(500, "the request was aborted before it finished")
+        except GeneratorExit:
+            raise
+        except Exception as e:  # the engine failed mid-stream
+            self.finished = True
+            logger.error("stream of %s failed: %s", self.stream.request_id, e)
+            yield self.encode_error(500, str(e))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.finished:
+            self.state.metrics.aborted.inc()
+            logger.info("client went away: aborting %s", self.stream.request_id)
+        self.stream.close()
+        if self._gen is not None:
+            self._gen.close()
+
+
+# -- serve ---------------------------------------------------------------------------
+
+
+def _config_summary(config) -> str:
+    if dataclasses.is_dataclass(config):
+        items = dataclasses.asdict(config)
+        return ", ".join(f"{k}={v!r}" for k, v in items.items())
+    for attr in ("describe", "to_dict", "as_dict"):
+        fn = getattr(config, attr, None)
+        if callable(fn):
+            return str(fn())
+    return repr(config)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve(properties: str | None = None, model_dir: str | None = None, host: str = "127.0.0.1",
+          port: int = 8080, options: dict | None = None) -> None:
+    """Build the config (serving.properties + env + options, LMI rules), start the HTTP
+    server at once (``/ping`` answers 503), build and warm up the engine in a background
+    thread, then serve until interrupted. An engine that fails to start stops the
+    server and the error is raised."""
+    from werkzeug.serving import make_server
+
+    from ..config import EngineConfig
+
+    config = EngineConfig.from_sources(options=options, properties_path=properties, model_dir=model_dir)
+    logger.info("effective config: %s", _config_summary(config))
+    app = create_app(None, config)
+    server = make_server(host, port, app, threaded=True)
+    logger.info("serving %s on http://%s:%d (warming up)", state_of(app).model_name, host, server.server_port)
+    failure: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            from ..engine.engine_loop import EngineLoop
+            from ..engine.factory import build_engine
+
+            engine = build_engine(config, warmup=True, progress=False)
+            loop = EngineLoop(engine, job_queue_size=getattr(config, "job_queue_size", 1000) or 1000)
+            set_engine_loop(app, loop)
+            logger.info("engine ready: GET /ping answers 200")
+        except BaseException as e:  # noqa: BLE001 - reported and re-raised by serve()
+            logger.exception("the engine failed to start")
+            failure.append(e)
+            set_startup_error(app, e)
+            server.shutdown()
+
+    builder = threading.Thread(target=build, name="lmidist-engine-build", daemon=True)
+    builder.start()
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (docker stop, SageMaker) shuts down like Ctrl-C.
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        logger.info("shutting down")
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        server.server_close()
+        loop = state_of(app).loop
+        if loop is not None:
+            loop.shutdown()
+    if failure:
+        raise failure[0]
