@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--option", action="append", type=_parse_option, default=[], metavar="NAME=VALUE",
                      help="engine option as in serving.properties (repeatable)")
+    gen.add_argument("--save-converted", default=None, metavar="DIR",
+                     help="also save the converted parameters (orbax) to DIR; DIR then loads as a model")
 
     fetch = sub.add_parser("fetch-model", help="download + convert a known model and print its directory")
     fetch.add_argument("name", nargs="?", default="smollm2")
@@ -40,11 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--option", action="append", type=_parse_option, default=[], metavar="NAME=VALUE")
+    serve.add_argument("--save-converted", default=None, metavar="DIR")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, RuntimeError, OSError) as e:  # user-fixable problems: one clear line
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Let the KV cache use the accelerator's memory (JAX preallocates 75% by default).
@@ -59,14 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from .server.app import serve
 
+        options = dict(args.option)
+        if args.save_converted:
+            options["save_converted"] = args.save_converted
         serve(properties=args.properties, model_dir=args.model_dir, host=args.host, port=args.port,
-              options=dict(args.option))
+              options=options)
         return 0
 
     from .llm import LLM
     from .sampling_params import SamplingParams
 
     options = dict(args.option)
+    if args.save_converted:
+        options["save_converted"] = args.save_converted
     # A one-off generation compiles the two shapes it uses instead of every bucket.
     llm = LLM(args.model, warmup=False, progress=args.verbose, **options)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
+
+
+MAX_INT32 = 2**31 - 1
+MAX_SAMPLES = 64  # n / best_of: sequences per request
 
 
 class RequestError(ValueError):
@@ -64,11 +69,11 @@ class SamplingParams:
             return RequestError(
                 f"invalid sampling parameter {name}={getattr(self, name)!r}: expected {accepted}")
 
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_INT32:
             raise bad("max_new_tokens", "an integer >= 1")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a number >= 0")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 1e6:
+            raise bad("temperature", "a finite number >= 0")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_INT32:
             raise bad("top_k", "an integer >= 0 (0 disables top-k)")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "a number in (0, 1]")
@@ -86,11 +91,11 @@ class SamplingParams:
             raise bad("stop_sequences", "a list of non-empty strings")
         if not _is_int(self.top_n_tokens) or self.top_n_tokens < 0:
             raise bad("top_n_tokens", "an integer >= 0")
-        if not _is_int(self.n) or self.n < 1:
-            raise bad("n", "an integer >= 1")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_SAMPLES:
+            raise bad("n", f"an integer in [1, {MAX_SAMPLES}]")
         if self.best_of is not None:
-            if not _is_int(self.best_of) or self.best_of < self.n:
-                raise bad("best_of", f"an integer >= n ({self.n})")
+            if not _is_int(self.best_of) or not self.n <= self.best_of <= MAX_SAMPLES:
+                raise bad("best_of", f"an integer in [n ({self.n}), {MAX_SAMPLES}]")
 
     @property
     def num_samples(self) -> int:
@@ -108,4 +113,4 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

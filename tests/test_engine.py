@@ -35,10 +35,15 @@ GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def reference_outputs(model_dir):
+def shared_llm(model_dir):
+    """One engine with the default test options, shared by the tests that leave it clean."""
+    return make_llm(model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(shared_llm):
     """Each prompt run alone."""
-    llm = make_llm(model_dir)
-    return [llm.generate([p], GREEDY, use_tqdm=False)[0].token_ids for p in mixed_prompts()]
+    return [shared_llm.generate([p], GREEDY, use_tqdm=False)[0].token_ids for p in mixed_prompts()]
 
 
 def assert_no_leaks(llm):
@@ -48,8 +53,8 @@ def assert_no_leaks(llm):
     engine.block_manager.check_invariants([])
 
 
-def test_batch_invariance(model_dir, reference_outputs):
-    llm = make_llm(model_dir)
+def test_batch_invariance(shared_llm, reference_outputs):
+    llm = shared_llm
     outs = llm.generate(mixed_prompts(), GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == reference_outputs
     assert all(len(o.token_ids) == 12 for o in outs)
@@ -86,25 +91,26 @@ def test_chunked_prefill_invariance(model_dir, reference_outputs):
     assert_no_leaks(llm)
 
 
-def test_prefix_caching_same_outputs_fewer_tokens(model_dir):
+def test_prefix_caching_same_outputs_fewer_tokens(model_dir, shared_llm):
     rng = np.random.default_rng(5)
     shared = list(map(int, rng.integers(0, VOCAB, 40)))
     prompts = [shared + list(map(int, rng.integers(0, VOCAB, k))) for k in (3, 7, 11, 2)]
-    off = make_llm(model_dir, enable_prefix_caching=False)
+    off = shared_llm
     on = make_llm(model_dir, enable_prefix_caching=True)
+    computed_before = off.engine.stats.num_computed_prompt_tokens
     # Two waves so that the second finds the first's blocks cached.
     outs_off = [off.generate(prompts[:1], GREEDY, use_tqdm=False)[0]] + off.generate(prompts[1:], GREEDY, use_tqdm=False)
     outs_on = [on.generate(prompts[:1], GREEDY, use_tqdm=False)[0]] + on.generate(prompts[1:], GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs_on] == [o.token_ids for o in outs_off]
-    computed_off = off.engine.stats.num_computed_prompt_tokens
+    computed_off = off.engine.stats.num_computed_prompt_tokens - computed_before
     computed_on = on.engine.stats.num_computed_prompt_tokens
     assert computed_off == sum(map(len, prompts))
     assert computed_on <= computed_off - 3 * 40 + 3 * 4  # ~40 shared tokens each (whole blocks)
     assert_no_leaks(on)
 
 
-def test_abort_midway_frees_blocks(model_dir):
-    llm = make_llm(model_dir)
+def test_abort_midway_frees_blocks(shared_llm):
+    llm = shared_llm
     engine = llm.engine
     for i, p in enumerate(mixed_prompts(8)):
         engine.add_request(f"r{i}", p, SamplingParams(max_new_tokens=50, ignore_eos=True))
@@ -121,8 +127,8 @@ def test_abort_midway_frees_blocks(model_dir):
     assert not engine.abort("r1")  # finished requests are gone
 
 
-def test_no_compilation_after_warmup(model_dir):
-    llm = make_llm(model_dir, max_rolling_batch_prefill_tokens=64)
+def test_no_compilation_after_warmup(shared_llm):
+    llm = shared_llm
     compiles = []
 
     def listener(event, duration, **kwargs):
@@ -140,8 +146,8 @@ def test_no_compilation_after_warmup(model_dir):
     assert compiles == [], f"{len(compiles)} compilations after warm-up"
 
 
-def test_over_length_prompt_fails_alone(model_dir):
-    llm = make_llm(model_dir)
+def test_over_length_prompt_fails_alone(shared_llm):
+    llm = shared_llm
     prompts = mixed_prompts(3) + [[1] * 200]
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert outs[3].finish_reason == "error"
@@ -151,14 +157,14 @@ def test_over_length_prompt_fails_alone(model_dir):
         llm.engine.add_request("x", [1] * 128)
 
 
-def test_output_is_capped_by_max_model_len(model_dir):
-    llm = make_llm(model_dir)
+def test_output_is_capped_by_max_model_len(shared_llm):
+    llm = shared_llm
     out = llm.generate([[3] * 120], SamplingParams(max_new_tokens=50, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.token_ids) == 8 and out.finish_reason == "length"
 
 
-def test_seeded_sampling_independent_of_batch(model_dir):
-    llm = make_llm(model_dir)
+def test_seeded_sampling_independent_of_batch(shared_llm):
+    llm = shared_llm
     params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=50, seed=1234, ignore_eos=True)
     prompt = mixed_prompts(1, seed=9)[0]
     alone = llm.generate([prompt], params, use_tqdm=False)[0].token_ids
@@ -172,8 +178,8 @@ def test_seeded_sampling_independent_of_batch(model_dir):
     assert unseeded[0].token_ids != unseeded[1].token_ids
 
 
-def test_n_and_best_of(model_dir):
-    llm = make_llm(model_dir)
+def test_n_and_best_of(shared_llm):
+    llm = shared_llm
     out = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=7,
                                                    ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs) == 3 and len({tuple(c.token_ids) for c in out.outputs}) > 1
@@ -183,8 +189,8 @@ def test_n_and_best_of(model_dir):
     assert_no_leaks(llm)
 
 
-def test_stop_token_ids_and_logprobs(model_dir):
-    llm = make_llm(model_dir)
+def test_stop_token_ids_and_logprobs(shared_llm):
+    llm = shared_llm
     base = llm.generate([[9, 8, 7]], SamplingParams(max_new_tokens=10, ignore_eos=True, logprobs=True,
                                                     top_n_tokens=4), use_tqdm=False)[0]
     assert len(base.logprobs) == 10

@@ -52,9 +52,11 @@ def make_model(directory, family: str = "llama", seed: int = 0, **overrides):
 
 
 def hf_greedy(model, prompt_ids, max_new_tokens: int) -> list[int]:
+    """Greedy tokens with EOS ignored (min_new_tokens would instead mask EOS out)."""
+    model.generation_config.eos_token_id = None
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False)
+                             do_sample=False, pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
 
 

@@ -162,7 +162,11 @@ class ModelRunner:
                 0, num_steps, one_step, (kv_caches, prompt_mask, output_counts, batch.input_ids, outs))
             return kv_caches, prompt_mask, output_counts, outs
 
-        self._step = jax.jit(step_fn, donate_argnums=(1, 2, 3))
+        # Outputs keep the inputs' placements so that every step (and every ahead-of-time
+        # compiled bucket) sees the same shardings.
+        rep = parallel.replicated(self.mesh)
+        self._step = jax.jit(step_fn, donate_argnums=(1, 2, 3),
+                             out_shardings=(self.kv_sharding, rep, rep, rep))
         self._compiled: dict[tuple[int, int, bool], object] = {}
 
     # -- KV cache ------------------------------------------------------------------
@@ -171,6 +175,7 @@ class ModelRunner:
         spec = self.spec
         shape = (spec.num_kv_heads, self.num_blocks, self.block_size, spec.head_dim)
         sharding = NamedSharding(self.mesh, parallel.partition_spec(("kv_heads", None, None, None), shape, self.mesh))
+        self.kv_sharding = sharding
         zeros = jax.jit(lambda: jnp.zeros(shape, self.model.dtype), out_shardings=sharding)
         caches = [(zeros(), zeros()) for _ in range(spec.num_layers)]
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks,

@@ -46,8 +46,8 @@ Streaming
 LMI: ``application/jsonlines`` (one ``{"token": {"id", "text", "log_prob"}}`` per line;
 the last line also carries ``generated_text``, and ``details`` when asked), or
 ``text/event-stream`` (``data: {json}\\n\\n`` events, same objects) with
-``output_formatter=sse``. Chat: ``chat.completion.chunk`` SSE events ending with
-``data: [DONE]``. An error after the stream started ends it with a final
+``output_formatter=sse`` (``json``, ``jsonlines`` or unset: JSON lines). Chat:
+``chat.completion.chunk`` SSE events ending with ``data: [DONE]``. An error after the stream started ends it with a final
 ``{"code": N, "error": ...}`` record. A client that disconnects aborts its request
 (its KV blocks are freed at once).
 
@@ -482,13 +482,11 @@ class _StreamBody:
 
 
 def _config_summary(config) -> str:
+    describe = getattr(config, "describe", None)
+    if callable(describe):
+        return "\n" + describe()
     if dataclasses.is_dataclass(config):
-        items = dataclasses.asdict(config)
-        return ", ".join(f"{k}={v!r}" for k, v in items.items())
-    for attr in ("describe", "to_dict", "as_dict"):
-        fn = getattr(config, attr, None)
-        if callable(fn):
-            return str(fn())
+        return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(config).items())
     return repr(config)
 
 
@@ -535,10 +533,11 @@ def serve(properties: str | None = None, model_dir: str | None = None, host: str
         # SIGTERM (docker stop, SageMaker) shuts down like Ctrl-C.
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        server.serve_forever()
+        server.serve_forever()  # returns on Ctrl-C / SIGTERM, or when the engine failed to start
     except KeyboardInterrupt:
-        logger.info("shutting down")
+        pass
     finally:
+        logger.info("shutting down")
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
         server.server_close()

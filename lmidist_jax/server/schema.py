@@ -387,8 +387,7 @@ CHAT_FIELDS = {"messages", "model", "max_tokens", "max_completion_tokens", "temp
 @dataclasses.dataclass
 class ChatRequest:
     messages: list[dict]
-    params: SamplingParams | None  # built once the prompt length is known (max_tokens default)
-    kwargs: dict
+    kwargs: dict  # SamplingParams fields; max_new_tokens is added once the prompt length is known
     max_tokens: int | None
     stream: bool
     include_usage: bool
@@ -482,7 +481,7 @@ def parse_chat_request(body: dict, limits: Limits) -> ChatRequest:
     dropped = [k for k in body if k not in CHAT_FIELDS and k not in ("adapters", "adapter_id", "adapter")]
     if dropped:
         logger.warning("dropping unsupported chat request fields: %s", ", ".join(dropped))
-    req = ChatRequest(messages=messages, params=None, kwargs=kwargs, max_tokens=max_tokens, stream=stream,
+    req = ChatRequest(messages=messages, kwargs=kwargs, max_tokens=max_tokens, stream=stream,
                       include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
                       dropped=dropped)
     # Validate the sampling parameters now (before the template runs).
