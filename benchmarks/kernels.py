@@ -1,7 +1,10 @@
 """GPU benchmark of the paged-attention kernels (one script = one device call).
 
-  python3 benchmarks/kernels.py [--out DIR] [--sweep] [--quick]
+  python3 benchmarks/kernels.py [--out DIR] [--sweep] [--cases abc] [--skip-prefill]
+                                [--no-correctness] [--tag NAME] [--cpu-smoke]
 
+0. GPU correctness of the compiled kernels on small shapes (features: GQA/MQA, d=80/256,
+   fp32, window, soft-cap, ALiBi) and the per-kernel launch cost;
 1. device-to-device copy bandwidth (x + 1 on a 2 GiB bf16 array: bytes read + written);
 2. decode attention, Llama-3-8B shape (32 q heads, 8 KV heads, head_dim 128, bf16,
    block_size 16): (a) 32 seqs x 4096, (b) 32 seqs ragged U[1, 4096], (c) 1 seq x 8192;
@@ -11,7 +14,8 @@
 Every timed function is first checked against the XLA reference on the same inputs.
 Timing: R different query sets per jitted call (no CSE, KV rotated through disjoint
 cache regions when one set would fit in L2), several calls queued before one
-block_until_ready, median over samples, divided by R.
+block_until_ready, median over samples, divided by R ("wall"); plus one profiled run
+("device span": first GPU kernel start to last kernel end per call, jax.profiler).
 Writes kernels-<device>-<date>.json to --out (default benchmarks/results/).
 """
 
@@ -21,7 +25,6 @@ import argparse
 import collections
 import functools
 import glob
-import math
 import os
 import tempfile
 import sys

@@ -62,6 +62,7 @@ def main():
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--name", default="latency")
     args = parser.parse_args()
 
     import jax
@@ -105,9 +106,10 @@ def main():
         0 if spec.tie_word_embeddings else 1)
     mean_context = args.input_len + args.output_len / 2
     kv_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * itemsize * mean_context
-    floor = (weight_bytes + kv_bytes) / bandwidth
+    # With tensor parallelism every device streams its share at the measured bandwidth.
+    floor = (weight_bytes + kv_bytes) / (bandwidth * config.tensor_parallel_degree)
     result = {
-        "benchmark": "latency", "shape": args.shape, "dtype": args.dtype,
+        "benchmark": "latency", "shape": args.shape, "tensor_parallel_degree": config.tensor_parallel_degree, "dtype": args.dtype,
         "input_len": args.input_len, "output_len": args.output_len, "options": options,
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "weight_bytes": weight_bytes, "kv_bytes_mean": kv_bytes,
@@ -125,7 +127,7 @@ def main():
     print(f"batch-1 decode {result['decode_tokens_per_s']:.1f} tok/s ({per_token * 1e3:.2f} ms/token); "
           f"roofline {result['roofline_tokens_per_s']:.1f} tok/s -> {100 * result['fraction_of_roofline']:.0f}%; "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; TTFT {ttft * 1e3:.1f} ms")
-    print("wrote", write_result("latency", result, args.out))
+    print("wrote", write_result(args.name, result, args.out))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import SHAPES, percentiles, write_result  # noqa: E402
@@ -114,7 +115,7 @@ def main():
     result = {
         "benchmark": "throughput",
         "model": args.model or args.shape or "smollm2",
-        "dtype": str(engine.runner.model.dtype),
+        "dtype": jnp.dtype(engine.runner.model.dtype).name,
         "num_requests": n, "input_len": args.input_len, "output_len": args.output_len,
         "sampled_lengths": args.sample_lengths,
         "options": dict(args.option),

@@ -369,7 +369,7 @@ def test_not_yet_supported(monkeypatch, name, value, shown, default, bad):
 
 def test_shipped_not_yet_supported_set():
     assert SHIPPED_NOT_YET_SUPPORTED == {"quantize", "speculative_draft_model", "enable_lora"}
-    assert SHIPPED_TENSOR_PARALLEL_SUPPORTED is False
+    assert SHIPPED_TENSOR_PARALLEL_SUPPORTED is True  # tensor parallelism has landed
 
 
 # -- unknown options, describe -------------------------------------------------------------
