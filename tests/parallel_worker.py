@@ -21,8 +21,9 @@ from lmidist_jax import LLM, SamplingParams  # noqa: E402
 from lmidist_jax.models.scoring import prompt_logits  # noqa: E402
 from lmidist_jax import parallel  # noqa: E402
 
-OPTIONS = dict(dtype="fp32", max_model_len=128, block_size=4, num_kv_blocks=100, max_rolling_batch_size=8,
-               max_rolling_batch_prefill_tokens=64, progress=False)
+# Few buckets (decode 1/2/4, tokens 16/32): each TP degree compiles its own engine.
+OPTIONS = dict(dtype="fp32", max_model_len=128, block_size=4, num_kv_blocks=100, max_rolling_batch_size=4,
+               max_rolling_batch_prefill_tokens=32, progress=False)
 rng = np.random.default_rng(0)
 PROMPTS = [list(map(int, rng.integers(0, 128, n))) for n in (3, 17, 30, 9)]
 PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)
