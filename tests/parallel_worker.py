@@ -55,6 +55,29 @@ if MODE == "tp":
                           kv_shard_heads=shard_heads, kv_heads=kv_heads,
                           q_sharding=str(llm.engine.runner.model.state["layers"][0]["attn"]["q_proj"]["kernel"][...].sharding.spec))
     print("REPORT " + json.dumps(report))
+elif MODE == "orbax":
+    # Convert once on a TP=2 mesh and save with orbax; restore on TP=4 and TP=1 meshes.
+    import time
+
+    from flax import nnx
+
+    save_dir = sys.argv[3]
+    t = time.perf_counter()
+    source = LLM(MODEL_DIR, tensor_parallel_degree=2, save_converted=save_dir, **OPTIONS)
+    convert_s = time.perf_counter() - t
+    report = {"convert_and_save_s": convert_s}
+    for tp in (4, 1):
+        t = time.perf_counter()
+        restored = LLM(save_dir, tensor_parallel_degree=tp, **OPTIONS)
+        report[f"restore_tp{tp}_s"] = time.perf_counter() - t
+        direct = LLM(MODEL_DIR, tensor_parallel_degree=tp, **OPTIONS)
+        a = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(restored.engine.runner.model.state))
+        b = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(direct.engine.runner.model.state)))
+        report[f"tp{tp}_identical"] = all(np.array_equal(np.asarray(v), np.asarray(b[k])) for k, v in a) and len(a) == len(b)
+        report[f"tp{tp}_q_sharding"] = str(restored.engine.runner.model.state["layers"][0]["attn"]["q_proj"]["kernel"][...].sharding.spec)
+        report[f"tp{tp}_tokens"] = [o.token_ids for o in restored.generate(PROMPTS, PARAMS, use_tqdm=False)]
+        report[f"tp{tp}_direct_tokens"] = [o.token_ids for o in direct.generate(PROMPTS, PARAMS, use_tqdm=False)]
+    print("REPORT " + json.dumps(report))
 else:
     llm = LLM(MODEL_DIR, tensor_parallel_degree=int(sys.argv[3]), **OPTIONS)
     if jax.process_index() == 0:

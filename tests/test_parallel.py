@@ -66,3 +66,15 @@ def test_two_processes_match_one(tmp_path):
     assert procs[1].returncode == 0 and "FOLLOWER DONE" in out, err[-4000:]
     assert leader["devices"] == 8 and leader["processes"] == 2
     assert leader["tokens"] == single["1"]["tokens"]
+
+
+def test_orbax_round_trip_onto_other_meshes(tmp_path):
+    """Parameters converted on TP=2 and saved with orbax restore identically on TP=4
+    (KV heads replicated) and TP=1."""
+    model = tmp_path / "model"
+    make_model(model, "llama", num_attention_heads=8, num_key_value_heads=2)
+    report = report_of(run_worker(["orbax", str(model), str(tmp_path / "converted")], devices=8))
+    for tp in (4, 1):
+        assert report[f"tp{tp}_identical"], tp
+        assert report[f"tp{tp}_tokens"] == report[f"tp{tp}_direct_tokens"]
+        assert "tp" in report[f"tp{tp}_q_sharding"]
