@@ -145,15 +145,8 @@ def _decode_kernel(lens_ref, bt_ref, q_ref, k_ref, v_ref, *rest, scale, block_si
         if lo_tok is not None:
             mask = mask & (key_pos >= lo_tok)
         mask = mask[None, :]
-        sc = jnp.where(mask, sc, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.where(mask, jnp.exp(sc - m_new[:, None]), 0.0)
-        l_new = l * corr + jnp.sum(p, axis=1)
         v = v_ref[offs] if dmask is None else plt_load(v_ref, offs, dmask)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             precision=precision, preferred_element_type=jnp.float32)
-        return acc * corr[:, None] + pv, m_new, l_new
+        return online_softmax_step(acc, m, l, sc, mask, v, precision)
 
     init = (jnp.zeros((block_h, head_dim_p), jnp.float32),
             jnp.full((block_h,), MASK_VALUE, jnp.float32),
@@ -197,6 +190,19 @@ def _combine_kernel(acc_ref, m_ref, l_ref, o_ref, *, group, num_kv_heads, head_s
     out_size = math.prod(o_ref.shape)
     offs = jnp.where(mask, offs, out_size)
     plt.store(o_ref.at[offs], (o * inv[:, None]).astype(o_ref.dtype), mask=mask)
+
+
+def online_softmax_step(acc, m, l, sc, mask, v, precision):
+    """One key tile of flash attention: fold scores sc [rows, keys] (masked by mask) and
+    values v [keys, head_dim] into the running (acc, max, sum). Shared by both kernels."""
+    sc = jnp.where(mask, sc, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+    corr = jnp.exp(m - m_new)
+    p = jnp.where(mask, jnp.exp(sc - m_new[:, None]), 0.0)
+    l_new = l * corr + jnp.sum(p, axis=1)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         precision=precision, preferred_element_type=jnp.float32)
+    return acc * corr[:, None] + pv, m_new, l_new
 
 
 def plt_load(ref, offs, mask):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.paged_decode import _next_pow2, plt, plt_load
+from pallas_kernels.paged_decode import _next_pow2, online_softmax_step, plt, plt_load
 from pallas_kernels.reference import MASK_VALUE
 
 BACKENDS = ("triton",)
@@ -77,15 +77,8 @@ def _prefill_kernel(tile_seq_ref, tile_first_ref, tile_end_ref, bt_ref, row_pos_
         mask = rel <= 0
         if sliding_window is not None:
             mask = mask & (rel > -sliding_window)
-        sc = jnp.where(mask, sc, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.where(mask, jnp.exp(sc - m_new[:, None]), 0.0)
-        l_new = l * corr + jnp.sum(p, axis=1)
         v = v_ref[offs] if dmask is None else plt_load(v_ref, offs, dmask)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             precision=precision, preferred_element_type=jnp.float32)
-        return acc * corr[:, None] + pv, m_new, l_new
+        return online_softmax_step(acc, m, l, sc, mask, v, precision)
 
     init = (jnp.zeros((rows, head_dim_p), jnp.float32),
             jnp.full((rows,), MASK_VALUE, jnp.float32),
