@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 import time
 from typing import Sequence as Seq
@@ -278,6 +277,3 @@ class LLMEngine:
                     finals[out.request_id] = out
         return list(finals.values())
 
-
-def default_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")

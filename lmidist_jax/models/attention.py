@@ -20,8 +20,7 @@ class AttentionMetadata:
     """Where each token of a step sits in the paged cache.
 
     T = token bucket, S = sequence bucket, W = max blocks per sequence.
-    Padding tokens write into trash block 0 and belong to sequence row S-1... or any
-    row: their outputs are never read.
+    Padding tokens write into trash block 0; their outputs are never read.
     """
 
     positions: jax.Array       # [T] int32 absolute position of each token
