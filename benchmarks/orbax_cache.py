@@ -1,0 +1,78 @@
+"""Load time: converting an HF checkpoint vs restoring the orbax cache of the converted
+parameters (``save_converted``), in one run.
+
+  python benchmarks/orbax_cache.py --model smollm2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import write_result  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    import jax
+
+    from converters import orbax_cache
+    from converters.checkpoint import iter_checkpoint_tensors, load_config, parse_dtype, resolve_model_dir
+    from converters.weight_maps import map_tensors
+    from lmidist_jax import parallel
+    from lmidist_jax.models.loader import load_model
+    from lmidist_jax.models.spec import spec_from_hf_config
+
+    model_dir = resolve_model_dir(args.model)
+    hf_config = load_config(model_dir)
+    spec = spec_from_hf_config(hf_config)
+    dtype = parse_dtype(args.dtype, hf_config)
+    mesh = parallel.make_mesh(1)
+
+    def convert():
+        tensors = iter_checkpoint_tensors(model_dir, "auto", progress=False)
+        model = load_model(spec, map_tensors(spec.architecture, tensors), dtype=dtype, mesh=mesh)
+        jax.block_until_ready(jax.tree_util.tree_leaves(model.state))
+        return model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = os.path.join(tmp, "converted")
+        model = convert()
+        t = time.perf_counter()
+        orbax_cache.save_converted(model, hf_config, saved, tokenizer_dir=model_dir)
+        save_s = time.perf_counter() - t
+        convert_times, restore_times = [], []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            convert()
+            convert_times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            restored = orbax_cache.load_converted(spec, saved, dtype=dtype, mesh=mesh)
+            jax.block_until_ready(jax.tree_util.tree_leaves(restored.state))
+            restore_times.append(time.perf_counter() - t)
+    result = {
+        "benchmark": "orbax_cache", "model": args.model, "dtype": str(dtype),
+        "parameter_bytes": model.num_parameter_bytes,
+        "convert_s_median": float(np.median(convert_times)), "restore_s_median": float(np.median(restore_times)),
+        "save_s": save_s, "convert_s": convert_times, "restore_s": restore_times,
+    }
+    print(f"convert {result['convert_s_median']:.2f} s, orbax restore {result['restore_s_median']:.2f} s "
+          f"({model.num_parameter_bytes / 1e9:.2f} GB), save {save_s:.2f} s")
+    print("wrote", write_result("orbax_cache", result, args.out))
+
+
+if __name__ == "__main__":
+    main()
