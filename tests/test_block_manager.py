@@ -1,5 +1,6 @@
 """Property tests of the host-side block manager."""
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from lmidist_jax.engine.block_manager import BlockManager, NoFreeBlocksError
@@ -71,8 +72,5 @@ def test_block_zero_is_never_handed_out():
     blocks = []
     bm.allocate(blocks, 4 * BS)
     assert sorted(blocks) == [1, 2, 3, 4]
-    try:
+    with pytest.raises(NoFreeBlocksError):
         bm.allocate(blocks, 5 * BS)
-        raise AssertionError("expected NoFreeBlocksError")
-    except NoFreeBlocksError:
-        pass

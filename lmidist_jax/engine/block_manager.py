@@ -12,7 +12,7 @@ from typing import Sequence as Seq
 
 
 class NoFreeBlocksError(RuntimeError):
-    pass
+    """Not enough free KV blocks; the scheduler preempts instead of letting this escape."""
 
 
 class BlockManager:

@@ -22,7 +22,7 @@ CPU_DEFAULT_KV_CACHE_GB = 1.0
 
 
 class EngineConfigError(ValueError):
-    pass
+    """The configuration cannot work for this model or machine (e.g. a too small KV cache)."""
 
 
 def load_tokenizer(model_dir):
