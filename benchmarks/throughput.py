@@ -132,6 +132,20 @@ def main():
         "kv_blocks": engine.runner.num_blocks,
         "startup": startup,
     }
+    import jax
+
+    if jax.devices()[0].platform != "cpu":
+        # The ceilings, measured in the same run: time the FLOPs and bytes allow.
+        from benchmarks.latency import copy_bandwidth, matmul_flops
+
+        params = engine.runner.model.num_parameter_bytes / jnp.dtype(engine.runner.model.dtype).itemsize
+        flops = 2 * params * (in_tokens + out_tokens)
+        rate, bandwidth = matmul_flops(), copy_bandwidth()
+        floor = max(flops / rate, steps * engine.runner.model.num_parameter_bytes / bandwidth)
+        result.update(matmul_tflops=rate / 1e12, copy_bandwidth_GBps=bandwidth / 1e9,
+                      matmul_flops=flops, floor_s=floor, fraction_of_floor=floor / elapsed)
+        print(f"floor {floor:.1f} s ({flops / 1e15:.1f} PFLOP at {rate / 1e12:.0f} TFLOP/s) "
+              f"-> {100 * floor / elapsed:.0f}% of it")
     path = write_result(args.name, result, args.out)
     print(f"{out_tokens} output tokens in {elapsed:.2f} s: {result['output_tokens_per_s']:.1f} out tok/s, "
           f"{result['total_tokens_per_s']:.1f} total tok/s; TTFT p50 {result['ttft_s']['p50']:.3f} s; "

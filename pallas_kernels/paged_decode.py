@@ -192,6 +192,23 @@ def _combine_kernel(acc_ref, m_ref, l_ref, o_ref, *, group, num_kv_heads, head_s
     plt.store(o_ref.at[offs], (o * inv[:, None]).astype(o_ref.dtype), mask=mask)
 
 
+def check_paged_inputs(name: str, backend: str, q, k_pages, v_pages) -> None:
+    """Validation shared by the decode and mixed kernels: backend, shapes, int32 offsets."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{name}: unsupported backend {backend!r}; "
+                         f"expected one of {BACKENDS}")
+    _, num_heads, head_dim = q.shape
+    num_kv_heads, num_blocks, block_size, head_dim_k = k_pages.shape
+    if head_dim_k != head_dim or v_pages.shape != k_pages.shape:
+        raise ValueError(f"shape mismatch: q {q.shape}, k {k_pages.shape}, v {v_pages.shape}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if num_blocks * block_size * head_dim >= 2**31:
+        raise ValueError("KV cache too large for int32 offsets within one KV head")
+
+
 def online_softmax_step(acc, m, l, sc, mask, v, precision):
     """One key tile of flash attention: fold scores sc [rows, keys] (masked by mask) and
     values v [keys, head_dim] into the running (acc, max, sum). Shared by both kernels."""
@@ -231,19 +248,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale
     >= 16 and a power of two), combine_block_d (head_dim chunk per program of the
     split-K combine kernel).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"paged_decode_attention: unsupported backend {backend!r}; "
-                         f"expected one of {BACKENDS}")
+    check_paged_inputs("paged_decode_attention", backend, q, k_pages, v_pages)
     num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads, num_blocks, block_size, head_dim_k = k_pages.shape
-    if head_dim_k != head_dim or v_pages.shape != k_pages.shape:
-        raise ValueError(f"shape mismatch: q {q.shape}, k {k_pages.shape}, v {v_pages.shape}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
-    if block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
-    if num_blocks * block_size * head_dim >= 2**31:
-        raise ValueError("KV cache too large for int32 offsets within one KV head")
+    num_kv_heads, num_blocks, block_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     max_blocks = block_tables.shape[1]
     head_dim_p = _next_pow2(head_dim)

@@ -28,10 +28,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.paged_decode import _next_pow2, online_softmax_step, plt, plt_load
+from pallas_kernels.paged_decode import _next_pow2, check_paged_inputs, online_softmax_step, plt, plt_load
 from pallas_kernels.reference import MASK_VALUE
 
-BACKENDS = ("triton",)
 
 
 def _prefill_kernel(tile_seq_ref, tile_first_ref, tile_end_ref, bt_ref, row_pos_ref, q_ref,
@@ -137,19 +136,9 @@ def paged_attention(q, k_pages, v_pages, block_tables, token_seq_ids, positions,
     block_q directly; pages_per_compute_block (default 64 keys), num_warps, num_stages.
     """
     del num_blocks_to_scan
-    if backend not in BACKENDS:
-        raise ValueError(f"paged_attention: unsupported backend {backend!r}; "
-                         f"expected one of {BACKENDS}")
+    check_paged_inputs("paged_attention", backend, q, k_pages, v_pages)
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, num_blocks, block_size, head_dim_k = k_pages.shape
-    if head_dim_k != head_dim or v_pages.shape != k_pages.shape:
-        raise ValueError(f"shape mismatch: q {q.shape}, k {k_pages.shape}, v {v_pages.shape}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
-    if block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
-    if num_blocks * block_size * head_dim >= 2**31:
-        raise ValueError("KV cache too large for int32 offsets within one KV head")
+    num_kv_heads, num_blocks, block_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     group_p = _next_pow2(group)
     head_dim_p = _next_pow2(head_dim)
