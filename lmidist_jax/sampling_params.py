@@ -43,7 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_n_tokens: int = 0  # top alternatives per generated token (<= max_logprobs)
-    prompt_logprobs: bool = False
+    prompt_logprobs: bool = False  # logprob of every prompt token after the first (no prefix-cache hits)
     n: int = 1
     best_of: int | None = None
     skip_special_tokens: bool = True

@@ -203,3 +203,45 @@ def test_stop_token_ids_and_logprobs(shared_llm):
     out = llm.generate([[9, 8, 7]], SamplingParams(max_new_tokens=10, ignore_eos=True,
                                                    stop_token_ids=[stop_at]), use_tqdm=False)[0]
     assert out.token_ids == base.token_ids[:first + 1] and out.finish_reason == "stop_sequence"
+
+
+def _reference_prompt_logprobs(llm, prompt):
+    from lmidist_jax.models.scoring import prompt_logits
+
+    logits = prompt_logits(llm.engine.runner.model, prompt)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    return [None] + [float(logprobs[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
+
+
+def _assert_prompt_logprobs_close(got, want):
+    assert got[0] is None and want[0] is None and len(got) == len(want)
+    np.testing.assert_allclose(np.array(got[1:], np.float64), np.array(want[1:], np.float64), rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_logprobs_match_whole_prompt_forward(model_dir):
+    """Prompt logprobs across chunked prefill (16-token budget, prompts up to 59 tokens),
+    mixed with requests that do not ask for them, equal a whole-prompt forward pass;
+    with prefix caching on, a cached prefix is recomputed so none is missing."""
+    prompts = mixed_prompts(12, seed=3)
+    llm = make_llm(model_dir, max_rolling_batch_prefill_tokens=16, enable_prefix_caching=True)
+    wants = [i % 3 != 1 for i in range(len(prompts))]
+    params = [SamplingParams(max_new_tokens=4, ignore_eos=True, prompt_logprobs=w) for w in wants]
+    # A first wave caches the prefixes of the second.
+    llm.generate([p for p in prompts], SamplingParams(max_new_tokens=1, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, want, out in zip(prompts, wants, outs):
+        if not want:
+            assert out.prompt_logprobs is None
+            continue
+        _assert_prompt_logprobs_close(out.prompt_logprobs, _reference_prompt_logprobs(llm, prompt))
+    assert_no_leaks(llm)
+
+
+def test_prompt_logprobs_survive_preemption(model_dir):
+    prompts = mixed_prompts(8, seed=4)
+    llm = make_llm(model_dir, num_kv_blocks=40)  # small pool: requests get preempted and recomputed
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True, prompt_logprobs=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.engine.stats.num_preemptions > 0
+    for prompt, out in zip(prompts, outs):
+        _assert_prompt_logprobs_close(out.prompt_logprobs, _reference_prompt_logprobs(llm, prompt))

@@ -146,7 +146,8 @@ def test_lmi_non_streaming(server):
     check_details(d, 12, prompt)
     tokenizer = server.loop.engine.tokenizer
     assert [p["id"] for p in d["prefill"]] == list(tokenizer.encode(prompt))
-    assert all(p["log_prob"] is None or p["log_prob"] <= 0 for p in d["prefill"])
+    assert d["prefill"][0]["log_prob"] is None  # the first prompt token has no context
+    assert all(isinstance(p["log_prob"], float) and p["log_prob"] <= 0 for p in d["prefill"][1:])
     assert len(d["top_tokens"]) == 12 and all(len(t) == 3 for t in d["top_tokens"])
     for chosen, top in zip(d["tokens"], d["top_tokens"]):
         assert top[0]["log_prob"] >= chosen["log_prob"] - 1e-5  # greedy: the top token or a tie
@@ -488,10 +489,11 @@ def test_warming_up_then_ready(server):
 
 
 class FailingEngine:
-    """Enough of LLMEngine for EngineLoop: one token per step per request, then the
-    device 'fails' at step ``fail_at``."""
+    """Enough of LLMEngine for EngineLoop: one token per step per request; the device
+    'fails' once ``fail_when`` is set and ``num_requests`` requests have each had a token
+    (an event, not a step count, so a slow machine cannot fail it before a client connects)."""
 
-    def __init__(self, tokenizer, fail_at: int):
+    def __init__(self, tokenizer, fail_when: threading.Event, num_requests: int):
         self.tokenizer = tokenizer
         self.spec = SimpleNamespace(vocab_size=len(tokenizer))
         self.max_model_len = 512
@@ -499,8 +501,8 @@ class FailingEngine:
         self.num_running = self.num_waiting = 0
         self.requests = {}
         self._finished_outputs = []
-        self.fail_at = fail_at
-        self.steps = 0
+        self.fail_when = fail_when
+        self.num_requests = num_requests
 
     def add_request(self, request_id, prompt, params=None):
         self.requests[request_id] = []
@@ -514,8 +516,8 @@ class FailingEngine:
     def step(self):
         from lmidist_jax.outputs import CompletionOutput, RequestOutput, TokenLogprob
 
-        self.steps += 1
-        if self.steps >= self.fail_at:
+        if (self.fail_when.is_set() and len(self.requests) >= self.num_requests
+                and all(self.requests.values())):
             raise RuntimeError("simulated device failure")
         time.sleep(0.01)
         outs = []
@@ -533,7 +535,8 @@ def test_engine_failure(server):
     from lmidist_jax.engine.engine_loop import EngineLoop
     from lmidist_jax.server import create_app
 
-    loop = EngineLoop(FailingEngine(server.loop.engine.tokenizer, fail_at=150))  # fails after ~1.5 s
+    fail_now = threading.Event()
+    loop = EngineLoop(FailingEngine(server.loop.engine.tokenizer, fail_now, num_requests=3))
     srv = ServerThread(create_app(loop, server.config), loop)
     try:
         non_streaming = {}
@@ -548,6 +551,7 @@ def test_engine_failure(server):
             for chunk in client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}],
                                                         max_tokens=500, stream=True):
                 chunks.append(chunk)
+                fail_now.set()  # all three requests are in flight; fail once each has a token
         assert chunks and chunks[0].choices[0].delta.role == "assistant"
         t.join(60)
         r2 = non_streaming["r"]

@@ -103,6 +103,8 @@ class LLMEngine:
         self.validate(ids, params)
         request = Request(request_id, text, ids, params,
                           incremental_text=stream or bool(params.stop_sequences))
+        if params.prompt_logprobs:
+            request.prompt_logprobs = [None] * len(ids)
         base_seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
         for i in range(params.num_samples):
             seq = Sequence(self._next_seq_id, request, i, list(ids), seed=(base_seed + i) % 2**32)
@@ -158,6 +160,8 @@ class LLMEngine:
         if not self.scheduler.reserve_decode_steps(sched, num_steps, self.max_model_len):
             num_steps = 1
         result = self.runner.execute(sched, num_steps)
+        if result.prompt_logprobs is not None:
+            self._record_prompt_logprobs(sched, result.prompt_logprobs)
         self.scheduler.after_step(sched, num_steps)
         t2 = time.perf_counter()
         outputs.extend(self._postprocess(sched, result, samples, num_steps))
@@ -169,6 +173,20 @@ class LLMEngine:
         st.device_time += result.device_time
         st.postprocess_time += t3 - t2
         return outputs
+
+    @staticmethod
+    def _record_prompt_logprobs(sched: SchedulerOutput, lps) -> None:
+        """Store the step's prompt-token logprobs (packed in scheduling order, as the
+        runner packs tokens) in their requests. A recomputed prompt overwrites equal values."""
+        t = 0
+        for item in sched.scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            request = seq.request
+            if request.prompt_logprobs is not None and seq.index == 0:
+                start = seq.num_computed_tokens
+                k = max(0, min(start + n, seq.num_prompt_tokens - 1) - start)
+                request.prompt_logprobs[start + 1:start + 1 + k] = [float(x) for x in lps[t:t + k]]
+            t += n
 
     def _postprocess(self, sched: SchedulerOutput, result, samples, num_steps: int) -> list[RequestOutput]:
         now = time.monotonic()
@@ -265,7 +283,8 @@ class LLMEngine:
             prompt_token_ids=request.prompt_token_ids, outputs=completions, finished=finished,
             new_token_ids=[t for t, _ in new], text_delta=delta,
             new_logprobs=[e for _, e in new if e is not None],
-            error=request.error)
+            error=request.error,
+            prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None)
 
     # -- convenience -----------------------------------------------------------------
 

@@ -41,6 +41,7 @@ class StepBatch:
     slots: jax.Array            # [S] i32 penalty-count row of each sequence (trash row for padding)
     reset_slots: jax.Array      # [S] i32 rows to clear before this step (trash row = none)
     sampling: SamplingBatch
+    prompt_targets: jax.Array   # [T] i32 next prompt token whose logprob is wanted (-1 = none)
 
 
 @dataclasses.dataclass
@@ -51,6 +52,7 @@ class ModelRunnerOutput:
     top_logprobs: np.ndarray   # [..., num_scheduled, K]
     host_time: float
     device_time: float
+    prompt_logprobs: np.ndarray | None = None  # [T] logprob of each token's prompt_target
 
 
 def _pow2_buckets(limit: int, start: int = 1) -> list[int]:
@@ -60,6 +62,30 @@ def _pow2_buckets(limit: int, start: int = 1) -> list[int]:
         b *= 2
     buckets.append(limit)
     return buckets
+
+
+# Prompt logprobs need full-vocabulary logits at every prompt token: computed this
+# many tokens at a time so that a 128K vocabulary does not need [T, V] at once.
+PROMPT_LOGPROBS_CHUNK = 256
+
+
+def prompt_token_logprobs(module, hidden, targets):
+    """hidden [T, E], targets [T] (-1 = not wanted) -> [T] f32 log p(target), raw model
+    distribution (no penalties or temperature), 0 where not wanted."""
+    num_tokens = hidden.shape[0]
+    chunk = min(num_tokens, PROMPT_LOGPROBS_CHUNK)
+    padded = -(-num_tokens // chunk) * chunk
+    hidden = jnp.pad(hidden, ((0, padded - num_tokens), (0, 0)))
+    targets = jnp.pad(targets, (0, padded - num_tokens), constant_values=-1)
+
+    def one_chunk(_, xs):
+        h, tgt = xs
+        logprobs = jax.nn.log_softmax(module.logits(h), axis=-1)
+        lp = jnp.take_along_axis(logprobs, jnp.maximum(tgt, 0)[:, None], axis=-1)[:, 0]
+        return None, jnp.where(tgt >= 0, lp, 0.0)
+
+    _, lps = jax.lax.scan(one_chunk, None, (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk)))
+    return lps.reshape(-1)[:num_tokens]
 
 
 def _bucket(value: int, buckets: list[int]) -> int:
@@ -105,8 +131,16 @@ class ModelRunner:
         block_size = self.block_size
 
         def forward_and_sample(module, kv_caches, prompt_mask, output_counts, input_ids,
-                               token_is_output, token_slots, md, slots, sampling):
+                               token_is_output, token_slots, md, slots, sampling, prompt_targets=None):
             hidden, kv_caches = module(input_ids, kv_caches, md)
+            if prompt_targets is None:
+                prompt_lps = jnp.zeros(input_ids.shape, jnp.float32)
+            else:  # skipped at run time unless a request in the batch asked for them
+                prompt_lps = jax.lax.cond(
+                    jnp.any(prompt_targets >= 0),
+                    lambda h, tgt: prompt_token_logprobs(module, h, tgt),
+                    lambda h, tgt: jnp.zeros(tgt.shape, jnp.float32),
+                    hidden, prompt_targets)
             # Penalty bookkeeping: count this step's input tokens (prompt tokens in the
             # mask, generated ones in the counts) in their sequence's row.
             trash = prompt_mask.shape[0] - 1
@@ -116,7 +150,7 @@ class ModelRunner:
             output_counts = output_counts.at[output_rows, input_ids].add(1)
             logits = module.logits(hidden[md.logits_indices])
             out = sample(logits, prompt_mask, output_counts, slots, sampling, num_top)
-            return kv_caches, prompt_mask, output_counts, out
+            return kv_caches, prompt_mask, output_counts, out, prompt_lps
 
         max_steps = max(1, self.decode_steps)
 
@@ -128,10 +162,11 @@ class ModelRunner:
             prompt_mask = prompt_mask.at[batch.reset_slots].set(False)
             output_counts = output_counts.at[batch.reset_slots].set(0)
             if not batch.md.decode_only:
-                kv_caches, prompt_mask, output_counts, out = forward_and_sample(
+                kv_caches, prompt_mask, output_counts, out, prompt_lps = forward_and_sample(
                     module, kv_caches, prompt_mask, output_counts, batch.input_ids, batch.token_is_output,
-                    batch.token_slots, batch.md, batch.slots, batch.sampling)
-                return kv_caches, prompt_mask, output_counts, jax.tree_util.tree_map(lambda x: x[None], out)
+                    batch.token_slots, batch.md, batch.slots, batch.sampling, batch.prompt_targets)
+                return (kv_caches, prompt_mask, output_counts,
+                        (jax.tree_util.tree_map(lambda x: x[None], out), prompt_lps))
             # Decode: num_steps steps in one dispatch; each step's samples are the next
             # step's inputs, positions and KV slots advance on the device (the host
             # reserved the blocks). Host overhead is paid once per num_steps tokens.
@@ -152,7 +187,7 @@ class ModelRunner:
                                          slot_mapping=jnp.where(valid, blocks * block_size + positions % block_size, 0))
                 sampling = dataclasses.replace(batch.sampling, sample_index=batch.sampling.sample_index + i)
                 token_is_output = jnp.where(i == 0, batch.token_is_output, True)
-                kv_caches, prompt_mask, output_counts, out = forward_and_sample(
+                kv_caches, prompt_mask, output_counts, out, _ = forward_and_sample(
                     module, kv_caches, prompt_mask, output_counts, input_ids, token_is_output,
                     batch.token_slots, md, batch.slots, sampling)
                 outs = jax.tree_util.tree_map(lambda buf, x: buf.at[i].set(x), outs, out)
@@ -160,7 +195,8 @@ class ModelRunner:
 
             kv_caches, prompt_mask, output_counts, _, outs = jax.lax.fori_loop(
                 0, num_steps, one_step, (kv_caches, prompt_mask, output_counts, batch.input_ids, outs))
-            return kv_caches, prompt_mask, output_counts, outs
+            # Decode tokens are never prompt tokens (a recomputed prompt runs as a mixed step).
+            return kv_caches, prompt_mask, output_counts, (outs, jnp.zeros(batch.input_ids.shape, jnp.float32))
 
         # Outputs keep the inputs' placements so that every step (and every ahead-of-time
         # compiled bucket) sees the same shardings.
@@ -220,6 +256,7 @@ class ModelRunner:
         seeds = np.zeros(S, np.uint32)
         sample_index = np.zeros(S, np.int32)
         top_n = np.zeros(S, np.int32)
+        prompt_targets = np.full(T, -1, np.int32)
 
         t = 0
         for row, item in enumerate(items):
@@ -252,6 +289,10 @@ class ModelRunner:
             seeds[row] = seq.seed
             sample_index[row] = seq.num_output_tokens
             top_n[row] = p.top_n_tokens
+            if p.prompt_logprobs and seq.index == 0:
+                # The token at position q predicts the prompt token at q + 1.
+                k = max(0, min(start + n, seq.num_prompt_tokens - 1) - start)
+                prompt_targets[t:t + k] = seq.token_ids[start + 1:start + 1 + k]
             t += n
 
         md = AttentionMetadata(
@@ -259,7 +300,8 @@ class ModelRunner:
             block_tables=block_tables, seq_lens=seq_lens, logits_indices=logits_indices,
             decode_only=decode_only, backend=self.backend, mesh=self.attention_mesh)
         sampling = SamplingBatch(temperature, top_k, top_p, min_p, rep, presence, frequency, seeds, sample_index, top_n)
-        return StepBatch(input_ids, token_is_output, token_slots, md, slots, reset_slots, sampling)
+        return StepBatch(input_ids, token_is_output, token_slots, md, slots, reset_slots, sampling,
+                         prompt_targets)
 
     # -- execution -----------------------------------------------------------------
 
@@ -272,19 +314,22 @@ class ModelRunner:
             batch = multihost.broadcast_batch(batch, batch.input_ids.shape[0], batch.slots.shape[0],
                                               batch.md.decode_only, num_steps)
         t1 = time.perf_counter()
-        out = self._run(batch, num_steps)
+        out, prompt_lps = self._run(batch, num_steps)
         n = len(sched.scheduled)
         token_ids = np.asarray(out.token_ids)[:num_steps, :n]  # blocks until the device is done
         t2 = time.perf_counter()
+        wants_prompt_lps = bool((batch.prompt_targets >= 0).any())
         return ModelRunnerOutput(token_ids, np.asarray(out.logprobs)[:num_steps, :n],
                                  np.asarray(out.top_ids)[:num_steps, :n], np.asarray(out.top_logprobs)[:num_steps, :n],
-                                 host_time=t1 - t0, device_time=t2 - t1)
+                                 host_time=t1 - t0, device_time=t2 - t1,
+                                 prompt_logprobs=np.asarray(prompt_lps) if wants_prompt_lps else None)
 
     def _args(self, batch: StepBatch, num_steps: int):
         return (self.model.state, self.kv_caches, self.prompt_mask, self.output_counts, batch,
                 np.int32(num_steps))
 
-    def _run(self, batch: StepBatch, num_steps: int = 1) -> SampleOutput:
+    def _run(self, batch: StepBatch, num_steps: int = 1) -> tuple[SampleOutput, jax.Array]:
+        """Returns (samples [steps, S, ...], prompt-token logprobs [T])."""
         key = (batch.input_ids.shape[0], batch.slots.shape[0], batch.md.decode_only)
         step = self._compiled.get(key, self._step)
         self.kv_caches, self.prompt_mask, self.output_counts, out = step(*self._args(batch, num_steps))
@@ -332,7 +377,8 @@ class ModelRunner:
                                  np.ones(S, np.float32), z(S, np.float32), z(S, np.float32),
                                  z(S, np.uint32), z(S), z(S))
         trash = np.full(S, self.trash_slot, np.int32)
-        return StepBatch(z(T), z(T, np.bool_), np.full(T, self.trash_slot, np.int32), md, trash, trash, sampling)
+        return StepBatch(z(T), z(T, np.bool_), np.full(T, self.trash_slot, np.int32), md, trash, trash, sampling,
+                         np.full(T, -1, np.int32))
 
 
 def kv_cache_bytes_per_block(spec, block_size: int, dtype) -> int:

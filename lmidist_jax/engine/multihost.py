@@ -98,6 +98,6 @@ def follow(runner) -> int:
             return steps
         like = runner._dummy_batch(num_tokens, num_seqs, bool(decode_only))
         batch = _from_wire(multihost_utils.broadcast_one_to_all(_to_wire(like)), like)
-        out = runner._run(batch, num_steps)
+        out, _ = runner._run(batch, num_steps)
         jax.block_until_ready(out.token_ids)
         steps += 1

@@ -138,9 +138,11 @@ class Scheduler:
 
     @staticmethod
     def _may_use_prefix_cache(seq: Sequence) -> bool:
-        # Penalties count prompt tokens on the device as they are computed; a prefix
-        # served from the cache would skip them, so such requests recompute.
-        return not seq.request.sampling_params.uses_penalties
+        # Penalties count prompt tokens on the device as they are computed, and prompt
+        # logprobs come out of the prompt's forward pass; a prefix served from the cache
+        # would skip both, so such requests recompute.
+        params = seq.request.sampling_params
+        return not (params.uses_penalties or params.prompt_logprobs)
 
     def reserve_decode_steps(self, output: SchedulerOutput, num_steps: int, max_model_len: int) -> bool:
         """For a decode-only step: make room for ``num_steps`` tokens per sequence so the

@@ -79,6 +79,8 @@ class Request:
     aborted: bool = False
     # Detokenize as tokens arrive (streaming, stop strings); otherwise once at the end.
     incremental_text: bool = True
+    # With SamplingParams.prompt_logprobs: [num_prompt_tokens], None for the first token.
+    prompt_logprobs: list[float | None] | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -54,8 +54,8 @@ the last line also carries ``generated_text``, and ``details`` when asked), or
 Details
 -------
 ``details.prefill`` (with ``decoder_input_details``) lists the prompt tokens with their
-ids and texts; their ``log_prob`` is null unless the engine computed prompt logprobs
-(it currently does not). ``details.best_of_sequences`` holds the other sequences when
+ids, texts and ``log_prob`` (null for the first token, which has no context); such a
+request is prefilled without prefix-cache hits. ``details.best_of_sequences`` holds the other sequences when
 ``n`` > 1. ``log_prob`` values are natural-log probabilities under the model's own
 distribution (before penalties/temperature); a non-finite value is sent as null.
 """
