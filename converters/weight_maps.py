@@ -6,6 +6,7 @@ A rule maps one HF tensor onto one parameter path, with the transform it needs
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable, Iterable, Iterator
 
@@ -55,9 +56,26 @@ RULES_BY_ARCHITECTURE: dict[str, list[Rule]] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Transposed:
+    """A checkpoint matrix stored [out, in] that the model keeps as [in, out]. The loader
+    transposes it on the devices: numpy's strided copy runs at ~0.4 GB/s (5x slower
+    than XLA's transpose even on a CPU, and far slower than a GPU's)."""
+
+    array: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[::-1])
+
+    def materialize(self) -> np.ndarray:
+        return np.ascontiguousarray(self.array.T)
+
+
 def map_tensors(architecture: str, tensors: Iterable[tuple[str, np.ndarray]]
-                ) -> Iterator[tuple[Path, np.ndarray]]:
-    """Yields (parameter path, array in our layout) for every HF tensor.
+                ) -> Iterator[tuple[Path, "np.ndarray | Transposed"]]:
+    """Yields (parameter path, array in our layout) for every HF tensor; matrices that
+    need a transpose come as ``Transposed`` (``load_model`` transposes on the devices).
 
     Unknown tensor names raise: a silently dropped weight would give wrong outputs.
     """
@@ -68,7 +86,7 @@ def map_tensors(architecture: str, tensors: Iterable[tuple[str, np.ndarray]]
         for pattern, path, transpose in rules:
             m = pattern.match(name)
             if m:
-                yield path(m), (np.ascontiguousarray(array.T) if transpose else array)
+                yield path(m), (Transposed(array) if transpose else array)
                 break
         else:
             raise ValueError(f"checkpoint tensor {name!r} has no place in the {architecture} model")

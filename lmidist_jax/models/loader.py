@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import parallel
 from .decoder import DecoderModel
@@ -74,6 +75,36 @@ def _replicate_kv_heads(array: np.ndarray, original: ModelSpec, target: ModelSpe
     return np.repeat(heads, r, axis=-2).reshape(*lead, target.num_kv_heads * original.head_dim)
 
 
+def _place(array, sharding, dtype) -> jax.Array:
+    """Host tensor -> array on the mesh in ``dtype``. Each device receives only its own
+    shard (also across hosts); dtype casts and ``Transposed`` matrices are done on the
+    devices, shard by shard (the source is placed with the transposed sharding, so the
+    transpose is local)."""
+    from converters.weight_maps import Transposed
+
+    if isinstance(array, Transposed):
+        host = np.asarray(array.array)
+        spec = tuple(sharding.spec) + (None,) * (host.ndim - len(sharding.spec))
+        source_sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[::-1]))
+        source = jax.make_array_from_callback(host.shape, source_sharding, lambda index: host[index])
+        return _transpose_cast(source, jnp.dtype(dtype), sharding)
+    host = np.asarray(array)
+    placed = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    if placed.dtype != jnp.dtype(dtype):
+        placed = _cast(placed, jnp.dtype(dtype), sharding)
+    return placed
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _transpose_cast(x, dtype, sharding):
+    return jax.lax.with_sharding_constraint(x.T.astype(dtype), sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _cast(x, dtype, sharding):
+    return jax.lax.with_sharding_constraint(x.astype(dtype), sharding)
+
+
 def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, np.ndarray]], *, dtype, mesh: Mesh,
                max_model_len: int | None = None) -> LoadedModel:
     """Places each mapped checkpoint tensor on the mesh as it arrives (host memory holds
@@ -83,8 +114,12 @@ def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, np.ndarray]], *, 
     graphdef, state = abstract_model(spec, dtype, max_model_len)
     variables = _variables(state)
     filled = set()
+    from converters.weight_maps import Transposed
+
     for path, array in tensors:
         if spec is not original and path[-2:-1] in (("k_proj",), ("v_proj",)):
+            if isinstance(array, Transposed):
+                array = array.materialize()
             array = _replicate_kv_heads(np.asarray(array), original, spec)
         if spec.tie_word_embeddings and path == ("lm_head", "kernel"):
             continue  # tied: the embedding serves as the LM head
@@ -95,9 +130,7 @@ def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, np.ndarray]], *, 
             raise ValueError(f"checkpoint weight {'.'.join(map(str, path))} has shape {tuple(array.shape)}, "
                              f"the model expects {tuple(var.shape)}")
         sharding = parallel.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
-        host = np.asarray(array).astype(var.dtype)
-        # Each device receives only its own shard (also across hosts).
-        var.set_value(jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]))
+        var.set_value(_place(array, sharding, var.dtype))
         filled.add(path)
     missing = sorted(set(variables) - filled)
     if missing:
