@@ -160,8 +160,10 @@ class LLMEngine:
         if not self.scheduler.reserve_decode_steps(sched, num_steps, self.max_model_len):
             num_steps = 1
         result = self.runner.execute(sched, num_steps)
-        if result.prompt_logprobs is not None:
-            self._record_prompt_logprobs(sched, result.prompt_logprobs)
+        for i, lps in result.prompt_logprobs:  # before after_step advances num_computed_tokens
+            seq = sched.scheduled[i].seq
+            start = seq.num_computed_tokens + 1
+            seq.request.prompt_logprobs[start:start + len(lps)] = lps.tolist()
         self.scheduler.after_step(sched, num_steps)
         t2 = time.perf_counter()
         outputs.extend(self._postprocess(sched, result, samples, num_steps))
@@ -173,20 +175,6 @@ class LLMEngine:
         st.device_time += result.device_time
         st.postprocess_time += t3 - t2
         return outputs
-
-    @staticmethod
-    def _record_prompt_logprobs(sched: SchedulerOutput, lps) -> None:
-        """Store the step's prompt-token logprobs (packed in scheduling order, as the
-        runner packs tokens) in their requests. A recomputed prompt overwrites equal values."""
-        t = 0
-        for item in sched.scheduled:
-            seq, n = item.seq, item.num_new_tokens
-            request = seq.request
-            if request.prompt_logprobs is not None and seq.index == 0:
-                start = seq.num_computed_tokens
-                k = max(0, min(start + n, seq.num_prompt_tokens - 1) - start)
-                request.prompt_logprobs[start + 1:start + 1 + k] = [float(x) for x in lps[t:t + k]]
-            t += n
 
     def _postprocess(self, sched: SchedulerOutput, result, samples, num_steps: int) -> list[RequestOutput]:
         now = time.monotonic()

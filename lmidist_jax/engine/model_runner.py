@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from .. import parallel
 from ..models.attention import AttentionMetadata
@@ -52,7 +52,8 @@ class ModelRunnerOutput:
     top_logprobs: np.ndarray   # [..., num_scheduled, K]
     host_time: float
     device_time: float
-    prompt_logprobs: np.ndarray | None = None  # [T] logprob of each token's prompt_target
+    # (index in sched.scheduled, logprobs of its prompt tokens from num_computed_tokens + 1 on)
+    prompt_logprobs: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
 
 
 def _pow2_buckets(limit: int, start: int = 1) -> list[int]:
@@ -230,7 +231,9 @@ class ModelRunner:
         t = _bucket(num_tokens, self.token_buckets)
         return t, min(t, self.seq_buckets[-1])
 
-    def _pack(self, sched: SchedulerOutput) -> StepBatch:
+    def _pack(self, sched: SchedulerOutput) -> tuple[StepBatch, list[tuple[int, int, int]]]:
+        """The step's batch, and the (item index, first token, count) spans of tokens whose
+        next prompt token's logprob is wanted."""
         items = sched.scheduled
         decode_only = sched.is_decode_only
         T, S = self.shapes_for(sched.num_tokens, len(items), decode_only)
@@ -257,6 +260,7 @@ class ModelRunner:
         sample_index = np.zeros(S, np.int32)
         top_n = np.zeros(S, np.int32)
         prompt_targets = np.full(T, -1, np.int32)
+        prompt_spans = []
 
         t = 0
         for row, item in enumerate(items):
@@ -293,6 +297,8 @@ class ModelRunner:
                 # The token at position q predicts the prompt token at q + 1.
                 k = max(0, min(start + n, seq.num_prompt_tokens - 1) - start)
                 prompt_targets[t:t + k] = seq.token_ids[start + 1:start + 1 + k]
+                if k:
+                    prompt_spans.append((row, t, k))
             t += n
 
         md = AttentionMetadata(
@@ -301,7 +307,7 @@ class ModelRunner:
             decode_only=decode_only, backend=self.backend, mesh=self.attention_mesh)
         sampling = SamplingBatch(temperature, top_k, top_p, min_p, rep, presence, frequency, seeds, sample_index, top_n)
         return StepBatch(input_ids, token_is_output, token_slots, md, slots, reset_slots, sampling,
-                         prompt_targets)
+                         prompt_targets), prompt_spans
 
     # -- execution -----------------------------------------------------------------
 
@@ -309,7 +315,7 @@ class ModelRunner:
         """Run the step; decode-only batches may run num_steps decode steps in one
         dispatch. Outputs are [num_steps, num_scheduled, ...]."""
         t0 = time.perf_counter()
-        batch = self._pack(sched)
+        batch, prompt_spans = self._pack(sched)
         if multihost.is_multiprocess():
             batch = multihost.broadcast_batch(batch, batch.input_ids.shape[0], batch.slots.shape[0],
                                               batch.md.decode_only, num_steps)
@@ -318,11 +324,13 @@ class ModelRunner:
         n = len(sched.scheduled)
         token_ids = np.asarray(out.token_ids)[:num_steps, :n]  # blocks until the device is done
         t2 = time.perf_counter()
-        wants_prompt_lps = bool((batch.prompt_targets >= 0).any())
+        if prompt_spans:
+            lps = np.asarray(prompt_lps)
+            prompt_spans = [(row, lps[t:t + k]) for row, t, k in prompt_spans]
         return ModelRunnerOutput(token_ids, np.asarray(out.logprobs)[:num_steps, :n],
                                  np.asarray(out.top_ids)[:num_steps, :n], np.asarray(out.top_logprobs)[:num_steps, :n],
                                  host_time=t1 - t0, device_time=t2 - t1,
-                                 prompt_logprobs=np.asarray(prompt_lps) if wants_prompt_lps else None)
+                                 prompt_logprobs=prompt_spans)
 
     def _args(self, batch: StepBatch, num_steps: int):
         return (self.model.state, self.kv_caches, self.prompt_mask, self.output_counts, batch,
