@@ -82,27 +82,21 @@ def _place(array, sharding, dtype) -> jax.Array:
     transpose is local)."""
     from converters.weight_maps import Transposed
 
-    if isinstance(array, Transposed):
-        host = np.asarray(array.array)
+    transpose = isinstance(array, Transposed)
+    host = np.asarray(array.array if transpose else array)
+    source_sharding = sharding
+    if transpose:
         spec = tuple(sharding.spec) + (None,) * (host.ndim - len(sharding.spec))
         source_sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[::-1]))
-        source = jax.make_array_from_callback(host.shape, source_sharding, lambda index: host[index])
-        return _transpose_cast(source, jnp.dtype(dtype), sharding)
-    host = np.asarray(array)
-    placed = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    if placed.dtype != jnp.dtype(dtype):
-        placed = _cast(placed, jnp.dtype(dtype), sharding)
+    placed = jax.make_array_from_callback(host.shape, source_sharding, lambda index: host[index])
+    if transpose or placed.dtype != jnp.dtype(dtype):
+        placed = _transpose_cast(placed, jnp.dtype(dtype), sharding, transpose)
     return placed
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _transpose_cast(x, dtype, sharding):
-    return jax.lax.with_sharding_constraint(x.T.astype(dtype), sharding)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _cast(x, dtype, sharding):
-    return jax.lax.with_sharding_constraint(x.astype(dtype), sharding)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _transpose_cast(x, dtype, sharding, transpose: bool):
+    return jax.lax.with_sharding_constraint((x.T if transpose else x).astype(dtype), sharding)
 
 
 def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, np.ndarray]], *, dtype, mesh: Mesh,
