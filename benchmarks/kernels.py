@@ -45,6 +45,7 @@ from pallas_kernels import paged_attention, paged_decode_attention  # noqa: E402
 from pallas_kernels.reference import (  # noqa: E402
     paged_attention_reference,
     paged_decode_attention_reference,
+    shuffled_block_tables,
 )
 
 H, KVH, D, BS = 32, 8, 128, 16
@@ -163,13 +164,8 @@ class DecodeCase:
         self.tables, self.lens = [], []
         base = 1
         for lens, nd in zip(lens_sets, need):
-            free = rng.permutation(np.arange(base, base + nd))
-            bt = np.zeros((len(lens), max_blocks), np.int32)
-            i = 0
-            for s, l in enumerate(lens):
-                nb = -(-int(l) // BS)
-                bt[s, :nb] = free[i:i + nb]
-                i += nb
+            bt = shuffled_block_tables(rng, lens, block_size=BS, max_blocks=max_blocks,
+                                       free_blocks=np.arange(base, base + nd))
             base += nd
             self.tables.append(jnp.asarray(bt))
             self.lens.append(jnp.asarray(lens, jnp.int32))

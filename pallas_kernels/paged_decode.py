@@ -128,15 +128,9 @@ def _decode_kernel(lens_ref, bt_ref, q_ref, k_ref, v_ref, *rest, scale, block_si
     def body(i, carry):
         acc, m, l = carry
         blk0 = start + i * pages
-        bidx = blk0 + lax.div(tok, block_size)  # [block_k] logical block of each key
-        ids = bt_ref[bt_row + jnp.minimum(bidx, max_blocks - 1)]
-        ids = jnp.where(bidx < end, ids, 0)  # past the split's end -> trash block 0
-        offs = ((ids * block_size + lax.rem(tok, block_size)) * head_dim)[:, None] + dim[None, :]
-        k = k_ref[offs] if dmask is None else plt_load(k_ref, offs, dmask)
-        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32) * scale  # [block_h, block_k]
-        if soft_cap is not None:
-            sc = soft_cap * jnp.tanh(sc / soft_cap)
+        offs = page_offsets(bt_ref, bt_row, blk0, end, tok, dim, block_size=block_size,
+                            max_blocks=max_blocks, head_dim=head_dim)
+        sc = key_scores(q, load_rows(k_ref, offs, dmask), scale, soft_cap, precision)  # [block_h, block_k]
         key_pos = blk0 * block_size + tok
         if has_alibi:
             rel = (key_pos - (length - 1)).astype(jnp.float32)
@@ -145,8 +139,7 @@ def _decode_kernel(lens_ref, bt_ref, q_ref, k_ref, v_ref, *rest, scale, block_si
         if lo_tok is not None:
             mask = mask & (key_pos >= lo_tok)
         mask = mask[None, :]
-        v = v_ref[offs] if dmask is None else plt_load(v_ref, offs, dmask)
-        return online_softmax_step(acc, m, l, sc, mask, v, precision)
+        return online_softmax_step(acc, m, l, sc, mask, load_rows(v_ref, offs, dmask), precision)
 
     init = (jnp.zeros((block_h, head_dim_p), jnp.float32),
             jnp.full((block_h,), MASK_VALUE, jnp.float32),
@@ -207,6 +200,30 @@ def check_paged_inputs(name: str, backend: str, q, k_pages, v_pages) -> None:
         raise ValueError(f"block_size must be a power of two, got {block_size}")
     if num_blocks * block_size * head_dim >= 2**31:
         raise ValueError("KV cache too large for int32 offsets within one KV head")
+
+
+def page_offsets(bt_ref, bt_row, blk0, end, tok, dim, *, block_size, max_blocks, head_dim):
+    """Flat offsets [block_k, head_dim_p] of the keys of logical blocks blk0.. of the
+    sequence whose block table starts at bt_row; blocks at or past ``end`` read the
+    trash block 0. Shared by both kernels."""
+    bidx = blk0 + lax.div(tok, block_size)  # [block_k] logical block of each key
+    ids = bt_ref[bt_row + jnp.minimum(bidx, max_blocks - 1)]
+    ids = jnp.where(bidx < end, ids, 0)
+    return ((ids * block_size + lax.rem(tok, block_size)) * head_dim)[:, None] + dim[None, :]
+
+
+def load_rows(ref, offs, dmask):
+    """Gather K or V rows at ``offs``; dmask (None = no padding) zeroes head_dim padding."""
+    return ref[offs] if dmask is None else plt_load(ref, offs, dmask)
+
+
+def key_scores(q, k, scale, soft_cap, precision):
+    """Scaled (and soft-capped) q.k^T in float32: [rows, block_k]."""
+    sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32) * scale
+    if soft_cap is not None:
+        sc = soft_cap * jnp.tanh(sc / soft_cap)
+    return sc
 
 
 def online_softmax_step(acc, m, l, sc, mask, v, precision):

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.paged_decode import _next_pow2, check_paged_inputs, online_softmax_step, plt, plt_load
+from pallas_kernels.paged_decode import (_next_pow2, check_paged_inputs, key_scores, load_rows, online_softmax_step,
+                                         page_offsets, plt)
 from pallas_kernels.reference import MASK_VALUE
 
 
@@ -60,15 +61,9 @@ def _prefill_kernel(tile_seq_ref, tile_first_ref, tile_end_ref, bt_ref, row_pos_
     def body(i, carry):
         acc, m, l = carry
         blk0 = first + i * pages
-        bidx = blk0 + lax.div(tok, block_size)
-        ids = bt_ref[bt_row + jnp.minimum(bidx, max_blocks - 1)]
-        ids = jnp.where(bidx < end, ids, 0)
-        offs = ((ids * block_size + lax.rem(tok, block_size)) * head_dim)[:, None] + dim[None, :]
-        k = k_ref[offs] if dmask is None else plt_load(k_ref, offs, dmask)
-        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32) * scale  # [rows, block_k]
-        if soft_cap is not None:
-            sc = soft_cap * jnp.tanh(sc / soft_cap)
+        offs = page_offsets(bt_ref, bt_row, blk0, end, tok, dim, block_size=block_size,
+                            max_blocks=max_blocks, head_dim=head_dim)
+        sc = key_scores(q, load_rows(k_ref, offs, dmask), scale, soft_cap, precision)  # [rows, block_k]
         key_pos = blk0 * block_size + tok
         rel = key_pos[None, :] - pos[:, None]  # <= 0 is visible
         if has_alibi:
@@ -76,8 +71,7 @@ def _prefill_kernel(tile_seq_ref, tile_first_ref, tile_end_ref, bt_ref, row_pos_
         mask = rel <= 0
         if sliding_window is not None:
             mask = mask & (rel > -sliding_window)
-        v = v_ref[offs] if dmask is None else plt_load(v_ref, offs, dmask)
-        return online_softmax_step(acc, m, l, sc, mask, v, precision)
+        return online_softmax_step(acc, m, l, sc, mask, load_rows(v_ref, offs, dmask), precision)
 
     init = (jnp.zeros((rows, head_dim_p), jnp.float32),
             jnp.full((rows,), MASK_VALUE, jnp.float32),

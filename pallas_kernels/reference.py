@@ -20,11 +20,28 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Large negative instead of -inf so fully masked rows never produce NaN.
 MASK_VALUE = -1e30
 # Upper bound (in elements) of one gathered key chunk in the XLA path.
 _GATHER_BUDGET = 1 << 24
+
+
+def shuffled_block_tables(rng: np.random.Generator, lens, *, block_size: int, max_blocks: int,
+                          free_blocks) -> np.ndarray:
+    """Block tables [len(lens), max_blocks] handing out ``free_blocks`` in a random order
+    (non-contiguous, as a long-running cache looks): for kernel tests and benchmarks."""
+    free = rng.permutation(np.asarray(free_blocks))
+    tables = np.zeros((len(lens), max_blocks), np.int32)
+    i = 0
+    for s, n in enumerate(lens):
+        nb = -(-int(n) // block_size)
+        if i + nb > len(free):
+            raise ValueError(f"{len(free)} free blocks cannot hold sequences of lengths {list(lens)}")
+        tables[s, :nb] = free[i:i + nb]
+        i += nb
+    return tables
 
 
 def write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping):

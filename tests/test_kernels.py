@@ -18,6 +18,7 @@ from pallas_kernels import (
     select_backend,
     write_kv_pages,
 )
+from pallas_kernels.reference import shuffled_block_tables
 
 BLOCK = 16
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
@@ -39,16 +40,8 @@ def _cache(rng, num_kv_heads, head_dim, num_blocks, dtype):
 
 def _tables(rng, lens, max_blocks, num_blocks):
     """Shuffled, non-contiguous block tables (block 0 = trash is never handed out)."""
-    need = sum(-(-int(n) // BLOCK) for n in lens)
-    assert need <= num_blocks - 1
-    free = rng.permutation(np.arange(1, num_blocks))
-    bt = np.zeros((len(lens), max_blocks), np.int32)
-    i = 0
-    for s, n in enumerate(lens):
-        nb = -(-int(n) // BLOCK)
-        bt[s, :nb] = free[i:i + nb]
-        i += nb
-    return jnp.asarray(bt)
+    return jnp.asarray(shuffled_block_tables(rng, lens, block_size=BLOCK, max_blocks=max_blocks,
+                                             free_blocks=np.arange(1, num_blocks)))
 
 
 def _numpy_attention(q, k_pages, v_pages, block_tables, seq_ids, positions, scale,
