@@ -19,7 +19,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import SHAPES, environment, percentiles, write_result  # noqa: E402
+from benchmarks.common import SHAPES, environment, write_result  # noqa: E402
 
 
 def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20) -> float:

@@ -6,7 +6,6 @@ the paged KV cache; see ``attention.AttentionMetadata`` for how tokens map to pa
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
