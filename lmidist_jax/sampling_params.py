@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Sequence
 
 
@@ -52,17 +53,13 @@ class SamplingParams:
         if isinstance(self.stop_sequences, str):
             self.stop_sequences = (self.stop_sequences,)
         self.stop_sequences = tuple(self.stop_sequences or ())
-        self.stop_token_ids = tuple(int(t) for t in (self.stop_token_ids or ()))
+        self.stop_token_ids = tuple(self.stop_token_ids or ())
         if self.do_sample is False:
             self.temperature = 0.0
         elif self.do_sample is True and self.temperature == 0.0:
             # LMI semantics: do_sample with no temperature samples at 1.0.
             self.temperature = 1.0
         self.validate()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
     def validate(self) -> None:
         def bad(name: str, accepted: str) -> RequestError:
@@ -72,7 +69,7 @@ class SamplingParams:
         if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_INT32:
             raise bad("max_new_tokens", "an integer >= 1")
         if not _is_number(self.temperature) or not 0 <= self.temperature <= 1e6:
-            raise bad("temperature", "a finite number >= 0")
+            raise bad("temperature", "a number in [0, 1e6]")
         if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_INT32:
             raise bad("top_k", "an integer >= 0 (0 disables top-k)")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
@@ -89,6 +86,9 @@ class SamplingParams:
             raise bad("seed", "an integer >= 0 or None")
         if not all(isinstance(s, str) and s for s in self.stop_sequences):
             raise bad("stop_sequences", "a list of non-empty strings")
+        if not all(_is_int(t) and 0 <= t <= MAX_INT32 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of integers >= 0")
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
         if not _is_int(self.top_n_tokens) or self.top_n_tokens < 0:
             raise bad("top_n_tokens", "an integer >= 0")
         if not _is_int(self.n) or not 1 <= self.n <= MAX_SAMPLES:
@@ -109,7 +109,7 @@ class SamplingParams:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy ints too
 
 
 def _is_number(value) -> bool:

@@ -65,3 +65,25 @@ def test_bad_load_format(model_dir):
 def test_max_model_len_over_model_limit(model_dir):
     with pytest.raises(ValueError, match="max_model_len=100000"):
         LLM(str(model_dir), max_model_len=100000, num_kv_blocks=64, warmup=False, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stop_token_ids=[1.9]), "stop_token_ids"),
+    (dict(stop_token_ids=["x"]), "stop_token_ids"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(temperature=2e6), r"temperature=2000000\.0: expected a number in \[0, 1e6\]"),
+])
+def test_bad_sampling_params_name_the_value(kwargs, message):
+    from lmidist_jax.sampling_params import RequestError, SamplingParams
+
+    with pytest.raises(RequestError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_accept_numpy_ints():
+    import numpy as np
+
+    from lmidist_jax.sampling_params import SamplingParams
+
+    p = SamplingParams(stop_token_ids=[np.int64(3)], max_new_tokens=np.int32(5))
+    assert p.stop_token_ids == (3,) and type(p.stop_token_ids[0]) is int

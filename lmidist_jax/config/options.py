@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -180,7 +181,7 @@ def _float(gt: float | None = None, le: float | None = None, optional: bool = Fa
         bounds.append(f"> {gt:g}")
     if le is not None:
         bounds.append(f"<= {le:g}")
-    accepted = "a number" + (" " + " and ".join(bounds) if bounds else "")
+    accepted = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
     if optional:
         accepted += " (or none)"
 
@@ -188,7 +189,7 @@ def _float(gt: float | None = None, le: float | None = None, optional: bool = Fa
         if optional and (value is None or _is_none_text(value)):
             return None
         x = _to_float(value)
-        if x != x or (gt is not None and not x > gt) or (le is not None and not x <= le):
+        if not math.isfinite(x) or (gt is not None and not x > gt) or (le is not None and not x <= le):
             raise _Invalid
         return x
 
@@ -428,12 +429,12 @@ class EngineConfig:
 
     def describe(self) -> str:
         """One ``name = value`` line per option (for the startup log)."""
-        defaults = type(self)()
+        defaults = self.defaults()
         width = max(map(len, self.option_names()))
         lines = []
         for name in self.option_names():
             value = getattr(self, name)
-            mark = "" if value != getattr(defaults, name) or name == "tensor_parallel_degree" else "  (default)"
+            mark = "" if value != defaults[name] else "  (default)"
             lines.append(f"{name:<{width}} = {value!r}{mark}")
         return "\n".join(lines)
 
