@@ -12,7 +12,7 @@ def _parse_option(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--option expects NAME=VALUE, got {text!r}")
     name, value = text.split("=", 1)
-    return name.strip().removeprefix("option."), value.strip()
+    return name.strip(), value.strip()  # "option.NAME" is accepted by the config like NAME
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,12 +69,12 @@ def _run(args) -> int:
         print(fetch_model(args.name))
         return 0
 
+    options = dict(args.option)
+    if args.save_converted:
+        options["save_converted"] = args.save_converted
     if args.command == "serve":
         from .server.app import serve
 
-        options = dict(args.option)
-        if args.save_converted:
-            options["save_converted"] = args.save_converted
         serve(properties=args.properties, model_dir=args.model_dir, host=args.host, port=args.port,
               options=options)
         return 0
@@ -82,9 +82,6 @@ def _run(args) -> int:
     from .llm import LLM
     from .sampling_params import SamplingParams
 
-    options = dict(args.option)
-    if args.save_converted:
-        options["save_converted"] = args.save_converted
     # A one-off generation compiles the two shapes it uses instead of every bucket.
     llm = LLM(args.model, warmup=False, progress=args.verbose, **options)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

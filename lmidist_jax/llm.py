@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from typing import Sequence as Seq
 
+import numpy as np
+
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import RequestError, SamplingParams
 
@@ -50,6 +52,7 @@ class LLM:
         llm.config = None
         llm.engine = engine
         llm._ids = itertools.count()
+        llm.is_follower = False
         return llm
 
     @property
@@ -62,7 +65,7 @@ class LLM:
         """Generate for each prompt (a string, or a list of token ids). Returns one
         RequestOutput per prompt, in order. An invalid prompt (too long, bad ids) gets
         an output with ``error`` set and finish_reason "error"; the others run normally."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -72,7 +75,7 @@ class LLM:
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
 
-        if getattr(self, "is_follower", False):
+        if self.is_follower:
             raise RuntimeError("generate() runs on process 0; this process follows its steps")
         engine = self.engine
         results: dict[str, RequestOutput] = {}
@@ -87,11 +90,12 @@ class LLM:
 
         from tqdm.auto import tqdm
 
+        pending = set(order)
         bar = tqdm(total=len(prompts), desc="generating", disable=not use_tqdm, unit="req")
         bar.update(len(results))
         while engine.has_unfinished_requests():
             for out in engine.step():
-                if out.finished and out.request_id in order and out.request_id not in results:
+                if out.finished and out.request_id in pending and out.request_id not in results:
                     results[out.request_id] = out
                     bar.update(1)
         bar.close()
@@ -107,14 +111,7 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def apply_chat_template(self, messages: Seq[Message], add_generation_prompt: bool = True) -> list[int]:
-        tok = self.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise RequestError("this model has no chat template")
-        ids = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                      tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return self.engine.encode_chat(messages, add_generation_prompt)
 
 
 def _error_output(request_id: str, prompt, message: str) -> RequestOutput:

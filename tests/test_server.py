@@ -504,7 +504,10 @@ class FailingEngine:
         self.fail_when = fail_when
         self.num_requests = num_requests
 
-    def add_request(self, request_id, prompt, params=None):
+    def encode_chat(self, messages, add_generation_prompt=True):
+        return [1, 2]
+
+    def add_request(self, request_id, prompt, params=None, stream=True):
         self.requests[request_id] = []
 
     def abort(self, request_id):
@@ -567,6 +570,20 @@ def test_engine_failure(server):
         srv.close()
     # The real server is unaffected.
     assert requests.get(server.url + "/ping").status_code == 200
+
+
+def test_shutdown_ends_open_streams(server):
+    from lmidist_jax.engine.engine_loop import EngineLoop
+
+    loop = EngineLoop(FailingEngine(server.loop.engine.tokenizer, threading.Event(), num_requests=1))
+    outputs = iter(loop.submit("a", "p"))
+    assert next(outputs).new_token_ids == [42]
+    loop.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        for _ in outputs:
+            pass
+    with pytest.raises(RuntimeError, match="shutting down"):
+        loop.submit("b", "p")
 
 
 # -- concurrency -----------------------------------------------------------------------

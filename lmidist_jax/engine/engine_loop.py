@@ -45,15 +45,18 @@ class EngineLoop:
         return self.error is None and not self._stopped and self._thread.is_alive()
 
     def submit(self, request_id: str, prompt: str | Seq[int],
-               params: SamplingParams | None = None) -> "RequestStream":
-        """Queue a request; raises RequestError / QueueFullError before anything is queued."""
+               params: SamplingParams | None = None, *, stream: bool = True) -> "RequestStream":
+        """Queue a request; raises RequestError / QueueFullError before anything is queued.
+        ``stream=False``: only the final output's text matters (decoded once at the end)."""
         q: queue.Queue = queue.Queue()
         with self._lock:
             if self.error is not None:
                 raise RuntimeError(f"the engine failed: {self.error}")
+            if self._stopped:
+                raise RuntimeError("the engine is shutting down")
             if len(self._queues) >= self.job_queue_size:
                 raise QueueFullError(f"the request queue is full ({self.job_queue_size} requests)")
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, stream=stream)
             self._queues[request_id] = q
             self._wake.notify()
         return RequestStream(self, request_id, q)
@@ -61,19 +64,9 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         with self._lock:
             q = self._queues.pop(request_id, None)
-            self.engine.abort(request_id)
-            # Drop the abort's own final output: nobody listens any more.
-            self.engine._finished_outputs = [o for o in self.engine._finished_outputs
-                                             if o.request_id != request_id]
+            self.engine.abort(request_id)  # its final output finds no queue in _run: dropped
         if q is not None:
             q.put(_DONE)
-
-    def generate(self, request_id: str, prompt, params=None) -> RequestOutput:
-        """Blocking convenience: the final output of one request."""
-        final = None
-        for out in self.submit(request_id, prompt, params):
-            final = out
-        return final
 
     def stats(self) -> dict:
         with self._lock:
@@ -87,10 +80,18 @@ class EngineLoop:
             }
 
     def shutdown(self) -> None:
+        """Stop the loop; open streams end with an error instead of waiting forever."""
         with self._lock:
             self._stopped = True
+            self._fail_all(RuntimeError("the engine was shut down"))
             self._wake.notify()
         self._thread.join(timeout=10)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for q in self._queues.values():
+            q.put(error)
+            q.put(_DONE)
+        self._queues.clear()
 
     # -- the loop --------------------------------------------------------------------
 
@@ -106,10 +107,7 @@ class EngineLoop:
                 except BaseException as e:  # a broken engine must not hang its clients
                     logger.exception("engine step failed")
                     self.error = e
-                    for q in self._queues.values():
-                        q.put(e)
-                        q.put(_DONE)
-                    self._queues.clear()
+                    self._fail_all(e)
                     return
                 for out in outputs:
                     q = self._queues.get(out.request_id)

@@ -81,6 +81,24 @@ class LLMEngine:
         text = None
         return text, [int(t) for t in ids]
 
+    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation ([{"role", "content"}, ...]) through the model's
+        chat template. Raises RequestError when there is none or it rejects the messages."""
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise RequestError("this model has no chat template")
+        try:
+            ids = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                          tokenize=True)
+        except Exception as e:  # jinja errors, raise_exception() in the template
+            raise RequestError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        ids = list(ids)
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
+        return [int(t) for t in ids]
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         n = len(prompt_token_ids)
         if n >= self.max_model_len:

@@ -186,7 +186,6 @@ def create_app(engine_loop, config, *, model_name: str | None = None, max_body_b
                              or os.environ.get("LMIDIST_JAX_MAX_BODY_BYTES") or DEFAULT_MAX_BODY_BYTES)
     app = Flask("lmidist_jax.server")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
-    app.json.ensure_ascii = False
     state = ServerState(engine_loop, config, metrics or ServerMetrics(), model_name or served_model_name(config),
                         max_body_bytes)
     app.extensions["lmidist"] = state
@@ -277,7 +276,7 @@ def create_app(engine_loop, config, *, model_name: str | None = None, max_body_b
 # -- request handling ------------------------------------------------------------------
 
 
-def _read_body(state: ServerState) -> dict:
+def _read_body() -> dict:
     raw = request.get_data(cache=False)  # raises 413 over MAX_CONTENT_LENGTH
     return parse_json_body(raw)
 
@@ -285,18 +284,18 @@ def _read_body(state: ServerState) -> dict:
 def _handle(state: ServerState, *, chat_only: bool) -> Response:
     start = time.perf_counter()
     loop = state.ready_loop()
-    body = _read_body(state)
+    body = _read_body()
     limits = state.limits(loop)
     if chat_only or "messages" in body:
         return _handle_chat(state, loop, body, limits, start)
     return _handle_lmi(state, loop, body, limits, start)
 
 
-def _submit(loop, request_id: str, prompt, params, where: str = ""):
+def _submit(loop, request_id: str, prompt, params, stream: bool, where: str = ""):
     from ..engine.engine_loop import QueueFullError
 
     try:
-        return loop.submit(request_id, prompt, params)
+        return loop.submit(request_id, prompt, params, stream=stream)
     except RequestError as e:
         raise BadRequest(f"{where}{e}") from None
     except QueueFullError as e:
@@ -337,7 +336,7 @@ def _handle_lmi(state: ServerState, loop, body: dict, limits: Limits, start: flo
     try:
         for i, prompt in enumerate(req.inputs):
             where = f"inputs[{i}]: " if req.batched else ""
-            streams.append(_submit(loop, _new_request_id("lmi"), prompt, req.params, where))
+            streams.append(_submit(loop, _new_request_id("lmi"), prompt, req.params, req.stream, where))
     except BaseException:
         for s in streams:
             s.close()
@@ -371,19 +370,11 @@ def _handle_lmi(state: ServerState, loop, body: dict, limits: Limits, start: flo
 
 
 def _chat_prompt(loop, messages: list[dict]) -> list[int]:
-    tok = loop.engine.tokenizer
-    if tok is None or not getattr(tok, "chat_template", None):
-        raise BadRequest("this model has no chat template: send {\"inputs\": ...} instead of \"messages\"")
     try:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    except Exception as e:  # jinja errors, raise_exception() in the template
-        raise BadRequest(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    ids = list(ids)
-    if ids and isinstance(ids[0], list):
-        ids = ids[0]
-    return [int(t) for t in ids]
+        return loop.engine.encode_chat(messages)
+    except RequestError as e:
+        hint = ': send {"inputs": ...} instead of "messages"' if "no chat template" in str(e) else ""
+        raise BadRequest(f"{e}{hint}") from None
 
 
 def _handle_chat(state: ServerState, loop, body: dict, limits: Limits, start: float) -> Response:
@@ -391,7 +382,7 @@ def _handle_chat(state: ServerState, loop, body: dict, limits: Limits, start: fl
     prompt_ids = _chat_prompt(loop, req.messages)
     params = req.sampling_params(len(prompt_ids), limits.max_model_len)
     chat_id = new_chat_id()
-    stream = _submit(loop, chat_id, prompt_ids, params)
+    stream = _submit(loop, chat_id, prompt_ids, params, req.stream)
     model = state.model_name
     if req.stream:
         builder = ChatStreamBuilder(req, model, chat_id)
@@ -459,9 +450,7 @@ class _StreamBody:
             if not self.finished and not self.closed:
                 self.finished = True
                 yield self.encode_error(500, "the request was aborted before it finished")
-        except GeneratorExit:
-            raise
-        except Exception as e:  # the engine failed mid-stream
+        except Exception as e:  # the engine failed mid-stream (GeneratorExit is not an Exception)
             self.finished = True
             logger.error("stream of %s failed: %s", self.stream.request_id, e)
             yield self.encode_error(500, str(e))

@@ -92,13 +92,17 @@ class RequestTracker:
         self.tokens = max(self.tokens, total)
         if k:
             self.m.generation_tokens.inc(k)
+        # Latencies follow the first sequence (what a streaming client sees); several
+        # tokens in one output (multi-step decode) share the gap.
+        steps = len(out.new_token_ids)
+        if steps:
             if self.last is None:
                 self.m.ttft.observe(now - self.start)
-                for _ in range(k - 1):
+                for _ in range(steps - 1):
                     self.m.itl.observe(0.0)
             else:
-                gap = (now - self.last) / k
-                for _ in range(k):
+                gap = (now - self.last) / steps
+                for _ in range(steps):
                     self.m.itl.observe(gap)
             self.last = now
         if out.finished and not self.done:

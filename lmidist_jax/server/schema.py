@@ -304,16 +304,14 @@ def prefill_tokens(out: RequestOutput, decode: Callable[[int], str]) -> list[dic
             for i, t in enumerate(out.prompt_token_ids)]
 
 
-def lmi_details(req: LmiRequest, prompt: str, out: RequestOutput, decode: Callable[[int], str],
-                completion: CompletionOutput | None = None) -> dict:
-    c = completion or out.outputs[0]
-    d = {"finish_reason": c.finish_reason, "generated_tokens": len(c.token_ids), "inputs": prompt}
-    d.update(_completion_details(c, req.top_n_tokens))
+def lmi_details(req: LmiRequest, prompt: str, out: RequestOutput, decode: Callable[[int], str]) -> dict:
+    c = out.outputs[0]
+    d = {"inputs": prompt, **_completion_details(c, req.top_n_tokens)}
     if req.params.seed is not None:
         d["seed"] = req.params.seed
     if req.decoder_input_details:
         d["prefill"] = prefill_tokens(out, decode)
-    if len(out.outputs) > 1 and completion is None:
+    if len(out.outputs) > 1:
         d["best_of_sequences"] = [
             {"generated_text": _full_text(req, prompt, o.text), **_completion_details(o, req.top_n_tokens)}
             for o in out.outputs[1:]]
@@ -504,12 +502,15 @@ def _bytes(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
+def _chat_logprob(x: float) -> float:
+    return float(x) if math.isfinite(x) else -9999.0  # OpenAI's floor for impossible tokens
+
+
 def chat_logprobs(entries: list[TokenLogprob], top_logprobs: int) -> dict:
     return {"content": [
-        {"token": e.text, "logprob": _finite(e.logprob) if _finite(e.logprob) is not None else -9999.0,
-         "bytes": _bytes(e.text),
-         "top_logprobs": [{"token": text, "logprob": _finite(lp) if _finite(lp) is not None else -9999.0,
-                           "bytes": _bytes(text)} for t, lp, text in e.top[:top_logprobs]]}
+        {"token": e.text, "logprob": _chat_logprob(e.logprob), "bytes": _bytes(e.text),
+         "top_logprobs": [{"token": text, "logprob": _chat_logprob(lp), "bytes": _bytes(text)}
+                          for t, lp, text in e.top[:top_logprobs]]}
         for e in entries]}
 
 
