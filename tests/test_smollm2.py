@@ -69,3 +69,20 @@ def test_cli_generate_chat(model_dir):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Paris" in result.stdout
+
+
+def test_stop_token_text_same_streaming_or_not(llm):
+    """A stop token's text is left out of the output whether the text is built token by
+    token (streaming) or decoded once at the end (LLM.generate)."""
+    prompt = "List three colors: red,"
+    base = llm.generate(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    stop_at = base.token_ids[4]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, stop_token_ids=[stop_at])
+    once = llm.generate(prompt, params, use_tqdm=False)[0]
+    engine = llm.engine
+    engine.add_request("streamed", prompt, params, stream=True)
+    streamed = [o for o in engine.run_until_done() if o.request_id == "streamed"][0]
+    assert once.finish_reason == streamed.finish_reason == "stop_sequence"
+    assert once.token_ids == streamed.token_ids and once.token_ids[-1] == stop_at
+    assert once.text == streamed.text
+    assert once.text == llm.tokenizer.decode(once.token_ids[:-1], skip_special_tokens=True)

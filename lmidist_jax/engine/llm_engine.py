@@ -241,10 +241,11 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.request.sampling_params
+        # A stopping token's text is not part of the output (it was never detokenized).
         if token in self.eos_token_ids and not params.ignore_eos:
-            return self._finish(seq, "eos_token")
+            return self._finish(seq, "eos_token", text_excludes_last=True)
         if token in params.stop_token_ids:
-            return self._finish(seq, "stop_sequence")
+            return self._finish(seq, "stop_sequence", text_excludes_last=True)
         if seq.request.incremental_text:
             previous_len = len(seq.text)
             self.detokenizer.append(seq)
@@ -255,10 +256,12 @@ class LLMEngine:
         if seq.num_output_tokens >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
             return self._finish(seq, "length")
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Sequence, reason: str, text_excludes_last: bool = False) -> None:
         if not seq.request.incremental_text and self.tokenizer is not None:
+            # Decoded once, as the incremental path would have built it.
+            ids = seq.output_token_ids[:-1] if text_excludes_last else seq.output_token_ids
             seq.text = self.tokenizer.decode(
-                seq.output_token_ids, skip_special_tokens=seq.request.sampling_params.skip_special_tokens,
+                ids, skip_special_tokens=seq.request.sampling_params.skip_special_tokens,
                 clean_up_tokenization_spaces=False)
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
