@@ -45,7 +45,7 @@ class RequestOutput:
     text_delta: str = ""
     new_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     error: str | None = None
-    prompt_logprobs: list[float | None] | None = None
+    prompt_logprobs: list[float | None] | None = None  # on the final output, when asked for
     num_cached_tokens: int = 0
 
     # Convenience for the common n=1 case.

@@ -52,6 +52,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self._finished_outputs: list[RequestOutput] = []
         self._rng = random.Random(seed)
+        self._token_texts: dict[int, str] = {}
         self._next_seq_id = 0
 
     # -- construction --------------------------------------------------------------
@@ -235,9 +236,12 @@ class LLMEngine:
         return outputs
 
     def _token_text(self, token: int) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode([token], skip_special_tokens=False)
+        """One token's text (for logprob entries); cached: top-n asks for up to 21 per token."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = "" if self.tokenizer is None else self.tokenizer.decode([token], skip_special_tokens=False)
+            self._token_texts[token] = text
+        return text
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.request.sampling_params
@@ -293,7 +297,8 @@ class LLMEngine:
             new_token_ids=[t for t, _ in new], text_delta=delta,
             new_logprobs=[e for _, e in new if e is not None],
             error=request.error,
-            prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None)
+            # Complete only once the prompt has run; attached to the final output.
+            prompt_logprobs=request.prompt_logprobs if finished else None)
 
     # -- convenience -----------------------------------------------------------------
 

@@ -321,16 +321,15 @@ class ModelRunner:
                                               batch.md.decode_only, num_steps)
         t1 = time.perf_counter()
         out, prompt_lps = self._run(batch, num_steps)
-        n = len(sched.scheduled)
-        token_ids = np.asarray(out.token_ids)[:num_steps, :n]  # blocks until the device is done
+        # One transfer of everything (blocks until the device is done).
+        out, prompt_lps = jax.device_get((out, prompt_lps if prompt_spans else None))
         t2 = time.perf_counter()
+        n = len(sched.scheduled)
         if prompt_spans:
-            lps = np.asarray(prompt_lps)
-            prompt_spans = [(row, lps[t:t + k]) for row, t, k in prompt_spans]
-        return ModelRunnerOutput(token_ids, np.asarray(out.logprobs)[:num_steps, :n],
-                                 np.asarray(out.top_ids)[:num_steps, :n], np.asarray(out.top_logprobs)[:num_steps, :n],
-                                 host_time=t1 - t0, device_time=t2 - t1,
-                                 prompt_logprobs=prompt_spans)
+            prompt_spans = [(row, prompt_lps[t:t + k]) for row, t, k in prompt_spans]
+        return ModelRunnerOutput(out.token_ids[:num_steps, :n], out.logprobs[:num_steps, :n],
+                                 out.top_ids[:num_steps, :n], out.top_logprobs[:num_steps, :n],
+                                 host_time=t1 - t0, device_time=t2 - t1, prompt_logprobs=prompt_spans)
 
     def _args(self, batch: StepBatch, num_steps: int):
         return (self.model.state, self.kv_caches, self.prompt_mask, self.output_counts, batch,

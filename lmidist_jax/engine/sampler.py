@@ -103,9 +103,14 @@ def sample(logits, prompt_mask, output_counts, slots, params: SamplingBatch,
         key = jax.random.fold_in(jax.random.key(seed), index)
         return jax.random.gumbel(key, (logits.shape[-1],), jnp.float32)
 
-    noise = jax.vmap(row_noise)(params.seeds, params.sample_index)
-    sampled_tokens = jnp.argmax(scaled + noise, axis=-1)
-    tokens = jnp.where(params.temperature > 0, sampled_tokens, greedy_tokens).astype(jnp.int32)
+    def with_sampling(scaled):
+        noise = jax.vmap(row_noise)(params.seeds, params.sample_index)
+        sampled = jnp.argmax(scaled + noise, axis=-1)
+        return jnp.where(params.temperature > 0, sampled, greedy_tokens).astype(jnp.int32)
+
+    # [S, V] of noise per step is skipped (at run time) when every row is greedy.
+    tokens = jax.lax.cond(jnp.any(params.temperature > 0), with_sampling,
+                          lambda _: greedy_tokens.astype(jnp.int32), scaled)
     token_logprobs = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
     num_rows = logits.shape[0]
     if num_top_logprobs > 0:
