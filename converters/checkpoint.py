@@ -186,6 +186,7 @@ def _torch_to_numpy(tensor) -> np.ndarray:
 
 
 def _iter_safetensors(files: list[Path], progress: bool) -> Iterator[tuple[str, np.ndarray]]:
+    import ml_dtypes  # noqa: F401  (registers numpy's bfloat16, which safetensors returns)
     from safetensors import safe_open
     from tqdm.auto import tqdm
 

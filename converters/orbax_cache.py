@@ -48,7 +48,13 @@ def _unreplicate_kv(pure: dict, model) -> dict:
 def save_converted(model, hf_config: dict, directory, tokenizer_dir=None) -> Path:
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
+    final = Path(directory).absolute()
+    if final.exists() and any(final.iterdir()) and not is_converted_dir(final):
+        raise ValueError(f"save_converted={str(final)!r} exists and is not an earlier converted save: "
+                         "give a new or empty directory")
+    # Written next to the target and renamed at the end: an interrupted save leaves the
+    # old one intact, and re-saving a converted directory onto itself keeps its tokenizer.
+    directory = final.with_name(final.name + ".partial")
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
@@ -65,7 +71,10 @@ def save_converted(model, hf_config: dict, directory, tokenizer_dir=None) -> Pat
                 shutil.copy(src, directory / name)
     with open(directory / MARKER, "w") as f:
         json.dump({"format": "orbax", "dtype": str(jnp.dtype(model.dtype))}, f)
-    return directory
+    if final.exists():
+        shutil.rmtree(final)
+    directory.rename(final)
+    return final
 
 
 def load_converted(spec, directory, *, dtype, mesh, max_model_len=None):

@@ -68,9 +68,6 @@ class Transposed:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape[::-1])
 
-    def materialize(self) -> np.ndarray:
-        return np.ascontiguousarray(self.array.T)
-
 
 def map_tensors(architecture: str, tensors: Iterable[tuple[str, np.ndarray]]
                 ) -> Iterator[tuple[Path, "np.ndarray | Transposed"]]:

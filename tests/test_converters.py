@@ -241,3 +241,27 @@ def test_parse_dtype_auto():
 def test_parse_dtype_bad_value():
     with pytest.raises(ValueError, match=r"'int8'.*auto, fp32, fp16, bf16"):
         parse_dtype("int8", {})
+
+
+def test_save_converted_never_clobbers_a_foreign_directory(tmp_path):
+    from lmidist_jax import LLM, SamplingParams
+    from tiny_models import make_model
+
+    source = tmp_path / "hf"
+    make_model(source, "llama")
+    options = dict(dtype="fp32", max_model_len=64, num_kv_blocks=32, warmup=False, progress=False)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not an earlier converted save"):
+        LLM(str(source), save_converted=str(foreign), **options)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+    # A converted directory can be re-saved onto itself: its side files survive.
+    saved = tmp_path / "saved"
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    want = LLM(str(source), save_converted=str(saved), **options).generate([[1, 2, 3]], params, use_tqdm=False)
+    assert (saved / "generation_config.json").exists()
+    again = LLM(str(saved), save_converted=str(saved), **options).generate([[1, 2, 3]], params, use_tqdm=False)
+    assert (saved / "generation_config.json").exists() and not (tmp_path / "saved.partial").exists()
+    assert again[0].token_ids == want[0].token_ids

@@ -66,13 +66,15 @@ def spec_for_mesh(spec: ModelSpec, tp: int) -> ModelSpec:
     return dataclasses.replace(spec, num_kv_heads=tp)
 
 
-def _replicate_kv_heads(array: np.ndarray, original: ModelSpec, target: ModelSpec) -> np.ndarray:
-    """k/v projection [in, kv_heads * head_dim] (or bias [kv_heads * head_dim]) with each
-    head repeated so that kv head j becomes heads j*r .. j*r+r-1."""
+def _replicate_kv_heads(array: np.ndarray, original: ModelSpec, target: ModelSpec, axis: int) -> np.ndarray:
+    """k/v projection with its ``axis`` of kv_heads * head_dim (the last for [in, out] and
+    biases, 0 for a checkpoint's [out, in]) repeated per head: kv head j becomes heads
+    j*r .. j*r+r-1."""
     r = target.num_kv_heads // original.num_kv_heads
-    lead = array.shape[:-1]
-    heads = array.reshape(*lead, original.num_kv_heads, original.head_dim)
-    return np.repeat(heads, r, axis=-2).reshape(*lead, target.num_kv_heads * original.head_dim)
+    axis %= array.ndim
+    before, after = array.shape[:axis], array.shape[axis + 1:]
+    heads = array.reshape(*before, original.num_kv_heads, original.head_dim, *after)
+    return np.repeat(heads, r, axis=axis).reshape(*before, target.num_kv_heads * original.head_dim, *after)
 
 
 def _place(array, sharding, dtype) -> jax.Array:
@@ -111,10 +113,11 @@ def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, np.ndarray]], *, 
     from converters.weight_maps import Transposed
 
     for path, array in tensors:
-        if spec is not original and path[-2:-1] in (("k_proj",), ("v_proj",)):
-            if isinstance(array, Transposed):
-                array = array.materialize()
-            array = _replicate_kv_heads(np.asarray(array), original, spec)
+        if spec is not original and path[-2] in ("k_proj", "v_proj"):
+            if isinstance(array, Transposed):  # heads are the leading axis of [out, in]
+                array = Transposed(_replicate_kv_heads(np.asarray(array.array), original, spec, axis=0))
+            else:
+                array = _replicate_kv_heads(np.asarray(array), original, spec, axis=-1)
         if spec.tie_word_embeddings and path == ("lm_head", "kernel"):
             continue  # tied: the embedding serves as the LM head
         var = variables.get(path)
