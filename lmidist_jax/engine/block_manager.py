@@ -29,7 +29,6 @@ class BlockManager:
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._hash_to_block: dict[int, int] = {}
         self._block_to_hash: dict[int, int] = {}
-        self.num_cache_hits = 0  # tokens served from the prefix cache, for stats/tests
 
     # -- queries ---------------------------------------------------------------
 
@@ -110,7 +109,6 @@ class BlockManager:
                 del self._evictable[block]
             self.ref_counts[block] += 1
             block_ids.append(block)
-        self.num_cache_hits += len(block_ids) * self.block_size
         return len(block_ids) * self.block_size
 
     def cache_full_blocks(self, token_ids: Seq[int], block_ids: Seq[int], num_computed_tokens: int,

@@ -109,12 +109,9 @@ def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bo
 
 
 def _attention_backend(requested: str) -> str:
-    platform = jax.devices()[0].platform
-    try:
-        from pallas_kernels import select_backend
-    except ImportError:
-        return "xla"
-    return select_backend(platform, requested)
+    from pallas_kernels import select_backend
+
+    return select_backend(jax.devices()[0].platform, requested)
 
 
 def _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_tokens) -> int:

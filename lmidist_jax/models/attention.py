@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+import pallas_kernels
 from pallas_kernels import reference
 
 
@@ -69,8 +70,6 @@ def _paged_attention_local(q, k_pages, v_pages, md: AttentionMetadata, *, scale:
         return reference.paged_attention_reference(
             q, k_pages, v_pages, md.block_tables, md.token_seq_ids, md.positions,
             num_blocks_to_scan=num_blocks, **kwargs)
-    import pallas_kernels
-
     if md.decode_only:
         return pallas_kernels.paged_decode_attention(
             q, k_pages, v_pages, md.block_tables, md.seq_lens, backend=md.backend, **kwargs)
