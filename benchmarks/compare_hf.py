@@ -101,8 +101,9 @@ def main():
     from lmidist_jax import LLM, SamplingParams
     from lmidist_jax.config import config_from_kwargs
     from lmidist_jax.engine.factory import engine_for_model
-    from lmidist_jax.models.loader import DTYPES, random_model
-    from lmidist_jax.models.spec import spec_from_hf_config
+    from converters.checkpoint import parse_dtype
+    from lmidist_jax.models.loader import random_model
+    from lmidist_jax.models.families import spec_from_hf_config
     from lmidist_jax import parallel
 
     options = dict(o.split("=", 1) for o in args.option)
@@ -112,7 +113,7 @@ def main():
     if args.shape:
         config = config_from_kwargs(None, **options)
         spec = spec_from_hf_config(source)
-        model = random_model(spec, dtype=DTYPES[dtype_name], mesh=parallel.make_mesh(config.tensor_parallel_degree),
+        model = random_model(spec, dtype=parse_dtype(dtype_name, {}), mesh=parallel.make_mesh(config.tensor_parallel_degree),
                              max_model_len=config.max_model_len)
         llm = LLM.from_engine(engine_for_model(model, None, config, max_model_len=config.max_model_len))
     else:

@@ -70,8 +70,9 @@ def main():
     from lmidist_jax import SamplingParams, parallel
     from lmidist_jax.config import config_from_kwargs
     from lmidist_jax.engine.factory import engine_for_model
-    from lmidist_jax.models.loader import DTYPES, random_model
-    from lmidist_jax.models.spec import spec_from_hf_config
+    from converters.checkpoint import parse_dtype
+    from lmidist_jax.models.loader import random_model
+    from lmidist_jax.models.families import spec_from_hf_config
 
     bandwidth = copy_bandwidth() if jax.devices()[0].platform != "cpu" else copy_bandwidth(256 << 20, 5)
     options = dict(o.split("=", 1) for o in args.option)
@@ -81,7 +82,7 @@ def main():
     config = config_from_kwargs(None, **options)
     spec = spec_from_hf_config(SHAPES[args.shape])
     t = time.perf_counter()
-    model = random_model(spec, dtype=DTYPES[args.dtype], mesh=parallel.make_mesh(config.tensor_parallel_degree),
+    model = random_model(spec, dtype=parse_dtype(args.dtype, {}), mesh=parallel.make_mesh(config.tensor_parallel_degree),
                          max_model_len=config.max_model_len)
     engine = engine_for_model(model, None, config, max_model_len=config.max_model_len)
     startup = time.perf_counter() - t
@@ -101,7 +102,7 @@ def main():
         results.append((ttft, per_token))
     ttft, per_token = results[-1]
 
-    itemsize = np.dtype(DTYPES[args.dtype]).itemsize
+    itemsize = np.dtype(parse_dtype(args.dtype, {})).itemsize
     weight_bytes = model.num_parameter_bytes - (spec.vocab_size - 1) * spec.hidden_size * itemsize * (
         0 if spec.tie_word_embeddings else 1)
     mean_context = args.input_len + args.output_len / 2

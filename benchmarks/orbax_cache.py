@@ -36,12 +36,11 @@ def main():
 
     import jax
 
-    from converters import orbax_cache
+    from lmidist_jax.models import converted_cache
     from converters.checkpoint import iter_checkpoint_tensors, load_config, parse_dtype, resolve_model_dir
-    from converters.weight_maps import map_tensors
     from lmidist_jax import parallel
     from lmidist_jax.models.loader import load_model
-    from lmidist_jax.models.spec import spec_from_hf_config
+    from lmidist_jax.models.families import map_checkpoint, spec_from_hf_config
 
     scratch = tempfile.TemporaryDirectory()
     if args.random:
@@ -57,7 +56,7 @@ def main():
 
     def convert():
         tensors = iter_checkpoint_tensors(model_dir, "auto", progress=False)
-        model = load_model(spec, map_tensors(spec.architecture, tensors), dtype=dtype, mesh=mesh)
+        model = load_model(spec, map_checkpoint(spec, tensors), dtype=dtype, mesh=mesh)
         jax.block_until_ready(jax.tree_util.tree_leaves(model.state))
         return model
 
@@ -65,7 +64,7 @@ def main():
         saved = os.path.join(tmp, "converted")
         model = convert()
         t = time.perf_counter()
-        orbax_cache.save_converted(model, hf_config, saved, tokenizer_dir=model_dir)
+        converted_cache.save_converted(model, hf_config, saved, tokenizer_dir=model_dir)
         save_s = time.perf_counter() - t
         convert_times, restore_times = [], []
         for _ in range(args.repeats):
@@ -73,7 +72,7 @@ def main():
             convert()
             convert_times.append(time.perf_counter() - t)
             t = time.perf_counter()
-            restored = orbax_cache.load_converted(spec, saved, dtype=dtype, mesh=mesh)
+            restored = converted_cache.load_converted(spec, saved, dtype=dtype, mesh=mesh)
             jax.block_until_ready(jax.tree_util.tree_leaves(restored.state))
             restore_times.append(time.perf_counter() - t)
     scratch.cleanup()

@@ -33,8 +33,9 @@ def parse_option(text):
 def build_engine(args):
     from lmidist_jax.config import config_from_kwargs
     from lmidist_jax.engine.factory import build_engine as build, engine_for_model
-    from lmidist_jax.models.loader import DTYPES, random_model
-    from lmidist_jax.models.spec import spec_from_hf_config
+    from converters.checkpoint import parse_dtype
+    from lmidist_jax.models.loader import random_model
+    from lmidist_jax.models.families import spec_from_hf_config
     from lmidist_jax import parallel
 
     options = dict(args.option)
@@ -44,7 +45,7 @@ def build_engine(args):
         spec = spec_from_hf_config(SHAPES[args.shape])
         max_model_len = config.max_model_len or spec.max_model_len
         t = time.perf_counter()
-        model = random_model(spec, dtype=DTYPES[config.dtype if config.dtype != "auto" else "bf16"],
+        model = random_model(spec, dtype=parse_dtype(config.dtype if config.dtype != "auto" else "bf16", {}),
                              mesh=parallel.make_mesh(config.tensor_parallel_degree), max_model_len=max_model_len)
         load = time.perf_counter() - t
         t = time.perf_counter()

@@ -14,12 +14,10 @@ from typing import Iterator
 import numpy as np
 
 LOAD_FORMATS = ("auto", "safetensors", "pt")
-DTYPES = {
-    "fp32": "float32", "float32": "float32",
-    "fp16": "float16", "float16": "float16", "half": "float16",
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-}
-ACCEPTED_DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
+# The one dtype table: option name -> numpy/jnp dtype name; synonyms -> option name.
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPE_SYNONYMS = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+ACCEPTED_DTYPES = ("auto", *DTYPES, *DTYPE_SYNONYMS)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -123,10 +121,12 @@ def parse_dtype(dtype: str | None, config: dict) -> str:
         if not configured:
             return "float32"
         name = str(configured).lower().removeprefix("torch.")
+        name = DTYPE_SYNONYMS.get(name, name)
         if name not in DTYPES:
             raise ValueError(f"the model config's dtype {configured!r} is not supported; pass an explicit "
                              f"dtype (one of: {', '.join(ACCEPTED_DTYPES)})")
         return DTYPES[name]
+    value = DTYPE_SYNONYMS.get(value, value)
     if value not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; accepted: {', '.join(ACCEPTED_DTYPES)}")
     return DTYPES[value]

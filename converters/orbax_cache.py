@@ -1,9 +1,9 @@
-"""Cache of converted parameters with orbax-checkpoint.
+"""Cache of converted parameters with orbax-checkpoint: the file side.
 
-``save_converted`` writes the model's parameters (in the checkpoint's own head layout,
-whatever mesh they sit on) plus the HF config and tokenizer files; ``load_converted``
-restores them straight onto a mesh of any tensor-parallel degree, each device reading
-only its shard. A directory written here is itself a valid ``model_id``.
+``save_tree`` writes a nested dict of parameter arrays plus the HF config and tokenizer
+files; ``restore_tree`` reads it back, onto given shardings when asked (each device
+then reads only its shard). A directory written here is itself a valid ``model_id``;
+what the tree holds and how it goes onto a mesh is the model loader's business.
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
 MARKER = "lmidist_converted.json"
+# Bumped when the parameter tree changes (2: fused q/k/v and gate/up).
+LAYOUT_VERSION = 2
 PARAMS_DIR = "params"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
@@ -29,23 +26,9 @@ def is_converted_dir(path) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
-def _unreplicate_kv(pure: dict, model) -> dict:
-    """Undo the KV-head replication applied when TP exceeded the checkpoint's KV heads."""
-    source, spec = model.source_spec, model.spec
-    if source.num_kv_heads == spec.num_kv_heads:
-        return pure
-    r = spec.num_kv_heads // source.num_kv_heads
-    for layer in pure["layers"].values():
-        for name in ("k_proj", "v_proj"):
-            proj = layer["attn"][name]
-            for key, value in list(proj.items()):
-                lead = value.shape[:-1]
-                heads = value.reshape(*lead, spec.num_kv_heads, spec.head_dim)[..., ::r, :]
-                proj[key] = heads.reshape(*lead, source.num_kv_heads * spec.head_dim)
-    return pure
-
-
-def save_converted(model, hf_config: dict, directory, tokenizer_dir=None) -> Path:
+def save_tree(tree: dict, hf_config: dict, directory, *, dtype: str, tokenizer_dir=None) -> Path:
+    """Write ``tree`` (nested dict of arrays), config.json, tokenizer files and the marker
+    into ``directory`` (replaced atomically; a foreign non-empty directory is refused)."""
     import orbax.checkpoint as ocp
 
     final = Path(directory).absolute()
@@ -58,9 +41,8 @@ def save_converted(model, hf_config: dict, directory, tokenizer_dir=None) -> Pat
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    pure = _unreplicate_kv(nnx.to_pure_dict(model.state), model)
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(directory / PARAMS_DIR, pure)
+        ckpt.save(directory / PARAMS_DIR, tree)
         ckpt.wait_until_finished()
     with open(directory / "config.json", "w") as f:
         json.dump(hf_config, f, indent=2)
@@ -70,41 +52,42 @@ def save_converted(model, hf_config: dict, directory, tokenizer_dir=None) -> Pat
             if src.exists():
                 shutil.copy(src, directory / name)
     with open(directory / MARKER, "w") as f:
-        json.dump({"format": "orbax", "dtype": str(jnp.dtype(model.dtype))}, f)
+        json.dump({"format": "orbax", "dtype": dtype, "layout_version": LAYOUT_VERSION}, f)
     if final.exists():
         shutil.rmtree(final)
     directory.rename(final)
     return final
 
 
-def load_converted(spec, directory, *, dtype, mesh, max_model_len=None):
-    """Restore onto ``mesh``; returns a LoadedModel."""
+def restore_tree(directory, abstract: dict | None = None) -> dict:
+    """The saved tree: onto the shardings of ``abstract`` (a nested dict of
+    ``jax.ShapeDtypeStruct``), or as host arrays when None. Flat: path tuple -> array."""
     import orbax.checkpoint as ocp
 
-    from lmidist_jax import parallel
-    from lmidist_jax.models import loader
-
     directory = Path(directory).absolute()
-    target_spec = loader.spec_for_mesh(spec, mesh.shape[parallel.TP_AXIS])
+    try:
+        with open(directory / MARKER) as f:
+            version = json.load(f).get("layout_version", 1)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{directory / MARKER} is unreadable: {e}") from e
+    if version != LAYOUT_VERSION:
+        raise ValueError(f"{directory} holds converted parameters of layout version {version}; this "
+                         f"lmidist-jax reads version {LAYOUT_VERSION}: convert the model again from its "
+                         "checkpoint (save_converted)")
     with ocp.StandardCheckpointer() as ckpt:
-        if target_spec.num_kv_heads == spec.num_kv_heads:
-            graphdef, state = loader.abstract_model(target_spec, dtype, max_model_len)
-            variables = loader._variables(state)
+        restored = ckpt.restore(directory / PARAMS_DIR, abstract) if abstract is not None else \
+            ckpt.restore(directory / PARAMS_DIR)
+    return flatten_tree(restored)
 
-            def target(path, var):
-                sharding = parallel.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
-                return jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
 
-            abstract = _nest({path: target(path, var) for path, var in variables.items()})
-            restored = ckpt.restore(directory / PARAMS_DIR, abstract)
-            flat = _flatten(restored)
-            for path, var in variables.items():
-                var.set_value(flat[path])
-            return loader.LoadedModel(target_spec, graphdef, state, dtype, mesh, source_spec=spec)
-        # Replicated KV heads: read on the host, then place through the loader.
-        restored = ckpt.restore(directory / PARAMS_DIR)
-    arrays = ((path, np.asarray(value)) for path, value in _flatten(restored).items())
-    return loader.load_model(spec, arrays, dtype=dtype, mesh=mesh, max_model_len=max_model_len)
+def nest_tree(flat: dict) -> dict:
+    """{(a, b, c): x} -> {a: {b: {c: x}}}."""
+    return _nest(flat)
+
+
+def flatten_tree(tree: dict) -> dict:
+    """Inverse of ``nest_tree`` (integer keys that orbax returns as strings restored)."""
+    return _flatten(tree)
 
 
 def _nest(flat: dict) -> dict:

@@ -2,6 +2,7 @@
 
   python parallel_worker.py tp MODEL_DIR 1,2,4,8      tensor parallel degrees, one process
   python parallel_worker.py multihost MODEL_DIR TP     one process of a jax.distributed run
+  python parallel_worker.py families SPEC.json TP       greedy tokens + logits of many model dirs
 """
 
 import json
@@ -53,7 +54,7 @@ if MODE == "tp":
         problems, shard_heads, kv_heads = sharding_report(llm)
         report[tp] = dict(tokens=[o.token_ids for o in outs], logits=logits.tolist(), problems=problems,
                           kv_shard_heads=shard_heads, kv_heads=kv_heads,
-                          q_sharding=str(llm.engine.runner.model.state["layers"][0]["attn"]["q_proj"]["kernel"][...].sharding.spec))
+                          q_sharding=str(llm.engine.runner.model.state["layers"][0]["attn"]["qkv_proj"]["kernel"][...].sharding.spec))
     print("REPORT " + json.dumps(report))
 elif MODE == "orbax":
     # Convert once on a TP=2 mesh and save with orbax; restore on TP=4 and TP=1 meshes.
@@ -74,9 +75,21 @@ elif MODE == "orbax":
         a = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(restored.engine.runner.model.state))
         b = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(direct.engine.runner.model.state)))
         report[f"tp{tp}_identical"] = all(np.array_equal(np.asarray(v), np.asarray(b[k])) for k, v in a) and len(a) == len(b)
-        report[f"tp{tp}_q_sharding"] = str(restored.engine.runner.model.state["layers"][0]["attn"]["q_proj"]["kernel"][...].sharding.spec)
+        report[f"tp{tp}_q_sharding"] = str(restored.engine.runner.model.state["layers"][0]["attn"]["qkv_proj"]["kernel"][...].sharding.spec)
         report[f"tp{tp}_tokens"] = [o.token_ids for o in restored.generate(PROMPTS, PARAMS, use_tqdm=False)]
         report[f"tp{tp}_direct_tokens"] = [o.token_ids for o in direct.generate(PROMPTS, PARAMS, use_tqdm=False)]
+    print("REPORT " + json.dumps(report))
+elif MODE == "families":
+    spec = json.load(open(MODEL_DIR))
+    options = dict(OPTIONS, block_size=16, num_kv_blocks=64, max_model_len=256, max_rolling_batch_prefill_tokens=64)
+    report = {}
+    for family, directory in spec["dirs"].items():
+        llm = LLM(directory, tensor_parallel_degree=int(sys.argv[3]), warmup=False, **options)
+        outs = llm.generate(spec["prompts"], SamplingParams(max_new_tokens=32, ignore_eos=True), use_tqdm=False)
+        logits = prompt_logits(llm.engine.runner.model, spec["logit_ids"])
+        report[family] = dict(tokens=[o.token_ids for o in outs], logits=logits.tolist())
+        llm.shutdown()
+        del llm
     print("REPORT " + json.dumps(report))
 else:
     llm = LLM(MODEL_DIR, tensor_parallel_degree=int(sys.argv[3]), **OPTIONS)

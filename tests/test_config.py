@@ -255,7 +255,7 @@ INVALID = [
     ("max_lora_rank", "12", "8, 16, 32, 64"),
     ("lora_extra_vocab_size", "-1", "an integer >= 0"),
     ("max_cpu_loras", "0", "an integer >= 1"),
-    ("dtype", "int8", "auto, fp32, fp16, bf16, float32, float16, bfloat16"),
+    ("dtype", "int8", "auto, fp32, fp16, bf16, float32, float16, half, bfloat16"),
     ("trust_remote_code", "maybe", "true or false"),
     ("enable_prefix_caching", "2", "true or false"),
     ("max_logprobs", "-1", "an integer >= 0"),

@@ -42,6 +42,7 @@ def test_tensor_parallel_degrees_agree(tmp_path, kv_heads):
         rel = np.linalg.norm(np.array(r["logits"]) - ref) / np.linalg.norm(ref)
         assert rel < 1e-5, f"tp={tp}: logits differ by {rel:.1e}"
         assert r["problems"] == [], r["problems"]
+        # q/k/v fused KV-head-major: [embed, KV heads, group + 2, head_dim], split over KV heads.
         assert r["q_sharding"] in ("P(None, 'tp')", "PartitionSpec(None, 'tp')")
         # The KV pool is split over the devices by KV heads (replicated heads when TP > KV heads).
         assert r["kv_heads"] == max(kv_heads, int(tp))

@@ -69,6 +69,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from converters.checkpoint import DTYPE_SYNONYMS, DTYPES
+from pallas_kernels import ATTENTION_BACKENDS
+
 from . import properties as _props
 
 logger = logging.getLogger("lmidist_jax")
@@ -287,8 +290,7 @@ _PARSERS: dict[str, tuple[Callable, str]] = {
     "max_lora_rank": _int(choices=(8, 16, 32, 64)),
     "lora_extra_vocab_size": _int(minimum=0),
     "max_cpu_loras": _int(minimum=1, optional=True),
-    "dtype": _choice("auto", "fp32", "fp16", "bf16",
-                     synonyms={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}),
+    "dtype": _choice("auto", *DTYPES, synonyms=DTYPE_SYNONYMS),
     "trust_remote_code": _bool(),
     "enable_prefix_caching": _bool(),
     "max_logprobs": _int(minimum=0),
@@ -297,7 +299,7 @@ _PARSERS: dict[str, tuple[Callable, str]] = {
     "block_size": _int(choices=(4, 8, 16, 32, 64, 128)),  # 4: small CPU test caches
     "num_kv_blocks": _int(minimum=2, optional=True),
     "kv_cache_memory_gb": _float(gt=0, optional=True),
-    "attention_backend": _choice("auto", "xla", "mosaic_gpu", "triton"),
+    "attention_backend": _choice(*ATTENTION_BACKENDS),
     "compilation_cache_dir": _str(),
     "seed": _int(),
     "decode_steps": _int(minimum=1),

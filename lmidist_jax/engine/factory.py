@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from .. import parallel
 from ..models.loader import load_model
-from ..models.spec import spec_from_hf_config
+from ..models.families import map_checkpoint, spec_from_hf_config
 from .llm_engine import LLMEngine
 from .model_runner import ModelRunner, kv_cache_bytes_per_block
 
@@ -39,7 +39,7 @@ def load_tokenizer(model_dir):
 def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEngine:
     from converters.checkpoint import iter_checkpoint_tensors, load_config, parse_dtype, resolve_model_dir
     from converters import orbax_cache
-    from converters.weight_maps import map_tensors
+    from ..models import converted_cache
     from ..model_store import DEFAULT_MODEL
 
     start = time.perf_counter()
@@ -59,15 +59,15 @@ def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEn
             f"(max_position_embeddings with rope scaling)")
     mesh = parallel.make_mesh(config.tensor_parallel_degree)
     if orbax_cache.is_converted_dir(model_dir):
-        model = orbax_cache.load_converted(spec, model_dir, dtype=dtype, mesh=mesh, max_model_len=max_model_len)
+        model = converted_cache.load_converted(spec, model_dir, dtype=dtype, mesh=mesh, max_model_len=max_model_len)
     else:
         tensors = iter_checkpoint_tensors(model_dir, config.load_format, progress=progress)
-        model = load_model(spec, map_tensors(spec.architecture, tensors), dtype=dtype, mesh=mesh,
+        model = load_model(spec, map_checkpoint(spec, tensors), dtype=dtype, mesh=mesh,
                            max_model_len=max_model_len)
     load_time = time.perf_counter() - start
     save_dir = getattr(config, "save_converted", None)
     if save_dir:
-        orbax_cache.save_converted(model, hf_config, save_dir, tokenizer_dir=model_dir)
+        converted_cache.save_converted(model, hf_config, save_dir, tokenizer_dir=model_dir)
         logger.info("saved the converted parameters to %s", save_dir)
     tokenizer = load_tokenizer(model_dir)
     engine = engine_for_model(model, tokenizer, config, max_model_len=max_model_len,
@@ -150,7 +150,7 @@ def _activation_peak_bytes(model, config, max_model_len, max_num_seqs, max_num_b
                         max_logprobs=config.max_logprobs)
     peak = 0
     for T, S, decode_only in (probe.warmup_shapes()[-1], (probe.seq_buckets[-1],) * 2 + (True,)):
-        batch = probe._dummy_batch(T, S, decode_only)
+        batch = probe.dummy_batch(T, S, decode_only)
         compiled = probe._step.lower(*probe._args(batch, 1)).compile()
         analysis = compiled.memory_analysis()
         if analysis is not None:

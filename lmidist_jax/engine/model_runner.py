@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from .. import parallel
-from ..models.attention import AttentionMetadata
+from ..models.step_metadata import StepMetadata, StepMetadataBuilder
 from ..models.loader import LoadedModel
 from . import multihost
 from .sampler import SampleOutput, SamplingBatch, sample
@@ -37,7 +37,7 @@ class StepBatch:
     input_ids: jax.Array        # [T] i32
     token_is_output: jax.Array  # [T] bool: generated (vs prompt) token, for penalty counts
     token_slots: jax.Array      # [T] i32 penalty-count row of each token (trash row for padding)
-    md: AttentionMetadata
+    md: StepMetadata
     slots: jax.Array            # [S] i32 penalty-count row of each sequence (trash row for padding)
     reset_slots: jax.Array      # [S] i32 rows to clear before this step (trash row = none)
     sampling: SamplingBatch
@@ -103,7 +103,6 @@ class ModelRunner:
         self.model = model
         self.spec = model.spec
         self.mesh = model.mesh
-        self.attention_mesh = model.mesh if model.mesh.shape[parallel.TP_AXIS] > 1 else None
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_num_seqs = max_num_seqs
@@ -234,80 +233,15 @@ class ModelRunner:
     def _pack(self, sched: SchedulerOutput) -> tuple[StepBatch, list[tuple[int, int, int]]]:
         """The step's batch, and the (item index, first token, count) spans of tokens whose
         next prompt token's logprob is wanted."""
-        items = sched.scheduled
         decode_only = sched.is_decode_only
-        T, S = self.shapes_for(sched.num_tokens, len(items), decode_only)
-        bs = self.block_size
-        input_ids = np.zeros(T, np.int32)
-        positions = np.zeros(T, np.int32)
-        slot_mapping = np.zeros(T, np.int32)  # padding writes into trash block 0
-        token_seq_ids = np.full(T, S - 1, np.int32)
-        token_is_output = np.zeros(T, np.bool_)
-        token_slots = np.full(T, self.trash_slot, np.int32)
-        block_tables = np.zeros((S, self.max_blocks_per_seq), np.int32)
-        seq_lens = np.zeros(S, np.int32)
-        logits_indices = np.zeros(S, np.int32)
-        slots = np.full(S, self.trash_slot, np.int32)
-        reset_slots = np.full(S, self.trash_slot, np.int32)
-        temperature = np.zeros(S, np.float32)
-        top_k = np.zeros(S, np.int32)
-        top_p = np.ones(S, np.float32)
-        min_p = np.zeros(S, np.float32)
-        rep = np.ones(S, np.float32)
-        presence = np.zeros(S, np.float32)
-        frequency = np.zeros(S, np.float32)
-        seeds = np.zeros(S, np.uint32)
-        sample_index = np.zeros(S, np.int32)
-        top_n = np.zeros(S, np.int32)
-        prompt_targets = np.full(T, -1, np.int32)
+        T, S = self.shapes_for(sched.num_tokens, len(sched.scheduled), decode_only)
+        builder = StepBatchBuilder(self, T, S)
         prompt_spans = []
-
-        t = 0
-        for row, item in enumerate(items):
-            seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
-            pos = np.arange(start, start + n, dtype=np.int32)
-            blocks = np.asarray(seq.block_ids, np.int32)
-            input_ids[t:t + n] = seq.token_ids[start:start + n]
-            positions[t:t + n] = pos
-            slot_mapping[t:t + n] = blocks[pos // bs] * bs + pos % bs
-            token_seq_ids[t:t + n] = row
-            token_is_output[t:t + n] = pos >= seq.num_prompt_tokens
-            block_tables[row, :len(blocks)] = blocks
-            seq_lens[row] = start + n
-            logits_indices[row] = t + n - 1
-            slots[row] = seq.slot
-            p = seq.request.sampling_params
-            if p.uses_penalties:  # only penalized sequences need their tokens counted
-                token_slots[t:t + n] = seq.slot
-            if seq.needs_slot_reset:
-                reset_slots[row] = seq.slot
-                seq.needs_slot_reset = False
-            temperature[row] = p.temperature
-            top_k[row] = p.top_k
-            top_p[row] = p.top_p
-            min_p[row] = p.min_p
-            rep[row] = p.repetition_penalty
-            presence[row] = p.presence_penalty
-            frequency[row] = p.frequency_penalty
-            seeds[row] = seq.seed
-            sample_index[row] = seq.num_output_tokens
-            top_n[row] = p.top_n_tokens
-            if p.prompt_logprobs and seq.index == 0:
-                # The token at position q predicts the prompt token at q + 1.
-                k = max(0, min(start + n, seq.num_prompt_tokens - 1) - start)
-                prompt_targets[t:t + k] = seq.token_ids[start + 1:start + 1 + k]
-                if k:
-                    prompt_spans.append((row, t, k))
-            t += n
-
-        md = AttentionMetadata(
-            positions=positions, slot_mapping=slot_mapping, token_seq_ids=token_seq_ids,
-            block_tables=block_tables, seq_lens=seq_lens, logits_indices=logits_indices,
-            decode_only=decode_only, backend=self.backend, mesh=self.attention_mesh)
-        sampling = SamplingBatch(temperature, top_k, top_p, min_p, rep, presence, frequency, seeds, sample_index, top_n)
-        return StepBatch(input_ids, token_is_output, token_slots, md, slots, reset_slots, sampling,
-                         prompt_targets), prompt_spans
+        for row, item in enumerate(sched.scheduled):
+            span = builder.add(row, item.seq, item.num_new_tokens)
+            if span is not None:
+                prompt_spans.append(span)
+        return builder.build(decode_only), prompt_spans
 
     # -- execution -----------------------------------------------------------------
 
@@ -362,7 +296,7 @@ class ModelRunner:
         threads = threads or min(len(shapes), max(1, (os.cpu_count() or 2) // 2))
 
         def compile_one(shape):
-            batch = self._dummy_batch(*shape)
+            batch = self.dummy_batch(*shape)
             return shape, self._step.lower(*self._args(batch, 1)).compile()
 
         with concurrent.futures.ThreadPoolExecutor(threads) as pool, \
@@ -371,21 +305,72 @@ class ModelRunner:
                 self._compiled[shape] = compiled
                 bar.update(1)
         for shape in shapes:
-            jax.block_until_ready(self._run(self._dummy_batch(*shape), 1))
+            jax.block_until_ready(self._run(self.dummy_batch(*shape), 1))
             self.num_compiled_steps += 1
 
-    def _dummy_batch(self, T: int, S: int, decode_only: bool) -> StepBatch:
-        z = lambda n, dt=np.int32: np.zeros(n, dt)  # noqa: E731
-        md = AttentionMetadata(
-            positions=z(T), slot_mapping=z(T), token_seq_ids=z(T),
-            block_tables=np.zeros((S, self.max_blocks_per_seq), np.int32), seq_lens=z(S),
-            logits_indices=z(S), decode_only=decode_only, backend=self.backend, mesh=self.attention_mesh)
-        sampling = SamplingBatch(z(S, np.float32), z(S), np.ones(S, np.float32), z(S, np.float32),
-                                 np.ones(S, np.float32), z(S, np.float32), z(S, np.float32),
-                                 z(S, np.uint32), z(S), z(S))
-        trash = np.full(S, self.trash_slot, np.int32)
-        return StepBatch(z(T), z(T, np.bool_), np.full(T, self.trash_slot, np.int32), md, trash, trash, sampling,
-                         np.full(T, -1, np.int32))
+    def dummy_batch(self, T: int, S: int, decode_only: bool) -> StepBatch:
+        """An all-padding batch of the given bucket (for compiling and warm-up)."""
+        return StepBatchBuilder(self, T, S).build(decode_only)
+
+
+class StepBatchBuilder:
+    """The one place a step's inputs are assembled on the host: T tokens and S sequence
+    rows, all padding until sequences are added."""
+
+    def __init__(self, runner: ModelRunner, num_tokens: int, num_seqs: int):
+        self.runner = runner
+        T, S, trash = num_tokens, num_seqs, runner.trash_slot
+        self.metadata = StepMetadataBuilder(T, S, runner.max_blocks_per_seq, runner.block_size)
+        self.input_ids = np.zeros(T, np.int32)
+        self.token_is_output = np.zeros(T, np.bool_)
+        self.token_slots = np.full(T, trash, np.int32)
+        self.slots = np.full(S, trash, np.int32)
+        self.reset_slots = np.full(S, trash, np.int32)
+        self.prompt_targets = np.full(T, -1, np.int32)
+        self.sampling = SamplingBatch(
+            temperature=np.zeros(S, np.float32), top_k=np.zeros(S, np.int32), top_p=np.ones(S, np.float32),
+            min_p=np.zeros(S, np.float32), repetition_penalty=np.ones(S, np.float32),
+            presence_penalty=np.zeros(S, np.float32), frequency_penalty=np.zeros(S, np.float32),
+            seeds=np.zeros(S, np.uint32), sample_index=np.zeros(S, np.int32), top_n=np.zeros(S, np.int32))
+
+    def add(self, row: int, seq, num_new_tokens: int) -> tuple[int, int, int] | None:
+        """Sequence ``seq`` computes its next ``num_new_tokens`` tokens in row ``row``.
+        Returns its (row, first token, count) span of wanted prompt logprobs, if any."""
+        start, n = seq.num_computed_tokens, num_new_tokens
+        tokens = self.metadata.add_sequence(row, seq.block_ids, start, n)
+        t = tokens.start
+        self.input_ids[tokens] = seq.token_ids[start:start + n]
+        self.token_is_output[tokens] = np.arange(start, start + n) >= seq.num_prompt_tokens
+        self.slots[row] = seq.slot
+        p = seq.request.sampling_params
+        if p.uses_penalties:  # only penalized sequences need their tokens counted
+            self.token_slots[tokens] = seq.slot
+        if seq.needs_slot_reset:
+            self.reset_slots[row] = seq.slot
+            seq.needs_slot_reset = False
+        sampling = self.sampling
+        sampling.temperature[row] = p.temperature
+        sampling.top_k[row] = p.top_k
+        sampling.top_p[row] = p.top_p
+        sampling.min_p[row] = p.min_p
+        sampling.repetition_penalty[row] = p.repetition_penalty
+        sampling.presence_penalty[row] = p.presence_penalty
+        sampling.frequency_penalty[row] = p.frequency_penalty
+        sampling.seeds[row] = seq.seed
+        sampling.sample_index[row] = seq.num_output_tokens
+        sampling.top_n[row] = p.top_n_tokens
+        if p.prompt_logprobs and seq.index == 0:
+            # The token at position q predicts the prompt token at q + 1.
+            k = max(0, min(start + n, seq.num_prompt_tokens - 1) - start)
+            self.prompt_targets[t:t + k] = seq.token_ids[start + 1:start + 1 + k]
+            if k:
+                return row, t, k
+        return None
+
+    def build(self, decode_only: bool) -> StepBatch:
+        md = self.metadata.build(decode_only=decode_only, backend=self.runner.backend)
+        return StepBatch(self.input_ids, self.token_is_output, self.token_slots, md, self.slots,
+                         self.reset_slots, self.sampling, self.prompt_targets)
 
 
 def kv_cache_bytes_per_block(spec, block_size: int, dtype) -> int:

@@ -96,7 +96,7 @@ def follow(runner) -> int:
         num_tokens, num_seqs, decode_only, stop, num_steps = (int(v) for v in header)
         if stop:
             return steps
-        like = runner._dummy_batch(num_tokens, num_seqs, bool(decode_only))
+        like = runner.dummy_batch(num_tokens, num_seqs, bool(decode_only))
         batch = _from_wire(multihost_utils.broadcast_one_to_all(_to_wire(like)), like)
         out, _ = runner._run(batch, num_steps)
         jax.block_until_ready(out.token_ids)

@@ -1,9 +1,7 @@
-"""Attention metadata (an explicit pytree argument of the step, never a global) and
-the dispatch from the model's attention layer to a kernel backend."""
+"""The dispatch from the model's attention layer to a paged-attention kernel backend,
+per tensor-parallel shard when the model sits on a mesh."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import functools
 
@@ -14,50 +12,31 @@ from jax.sharding import Mesh, PartitionSpec as P
 import pallas_kernels
 from pallas_kernels import reference
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class AttentionMetadata:
-    """Where each token of a step sits in the paged cache.
-
-    T = token bucket, S = sequence bucket, W = max blocks per sequence.
-    Padding tokens write into trash block 0; their outputs are never read.
-    """
-
-    positions: jax.Array       # [T] int32 absolute position of each token
-    slot_mapping: jax.Array    # [T] int32 flat KV slot written by each token
-    token_seq_ids: jax.Array   # [T] int32 row of block_tables for each token
-    block_tables: jax.Array    # [S, W] int32
-    seq_lens: jax.Array        # [S] int32 context length after this step (0 for padding)
-    logits_indices: jax.Array  # [S] int32 token index whose logits each sequence samples from
-    # Static: every sequence has exactly one new token at position seq_len - 1 and
-    # tokens are ordered like sequences (T == S). Selects the decode kernel.
-    decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
-    # With tensor parallelism, attention runs per shard (its heads) under shard_map.
-    mesh: Mesh | None = dataclasses.field(default=None, metadata=dict(static=True))
+from ..parallel import TP_AXIS
+from .step_metadata import StepMetadata
 
 
-def paged_attention(q, k_pages, v_pages, md: AttentionMetadata, *, scale: float,
+def paged_attention(q, k_pages, v_pages, md: StepMetadata, *, mesh: Mesh | None, scale: float,
                     sliding_window=None, soft_cap=None, alibi_slopes=None):
-    """q [T, H, D] against the paged cache (which already holds this step's keys)."""
+    """q [T, H, D] against the paged cache (which already holds this step's keys).
+    With ``mesh`` (tensor parallelism), each device attends its own heads to its own KV
+    heads under shard_map."""
     kwargs = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    if md.mesh is None or md.mesh.shape["tp"] == 1:
+    if mesh is None or mesh.shape[TP_AXIS] == 1:
         return _paged_attention_local(q, k_pages, v_pages, md, alibi_slopes=alibi_slopes, **kwargs)
-    # Heads are split over "tp"; each device attends its own heads to its own KV heads.
-    heads, rep = P(None, "tp", None), P()
+    heads, rep = P(None, TP_AXIS, None), P()
     md_specs = jax.tree_util.tree_map(lambda _: rep, md)
     fn = functools.partial(_paged_attention_local, **kwargs)
     if alibi_slopes is None:
-        return jax.shard_map(lambda q, k, v, m: fn(q, k, v, m), mesh=md.mesh,
-                             in_specs=(heads, P("tp"), P("tp"), md_specs), out_specs=heads,
+        return jax.shard_map(lambda q, k, v, m: fn(q, k, v, m), mesh=mesh,
+                             in_specs=(heads, P(TP_AXIS), P(TP_AXIS), md_specs), out_specs=heads,
                              check_vma=False)(q, k_pages, v_pages, md)
-    return jax.shard_map(lambda q, k, v, m, a: fn(q, k, v, m, alibi_slopes=a), mesh=md.mesh,
-                         in_specs=(heads, P("tp"), P("tp"), md_specs, P("tp")), out_specs=heads,
+    return jax.shard_map(lambda q, k, v, m, a: fn(q, k, v, m, alibi_slopes=a), mesh=mesh,
+                         in_specs=(heads, P(TP_AXIS), P(TP_AXIS), md_specs, P(TP_AXIS)), out_specs=heads,
                          check_vma=False)(q, k_pages, v_pages, md, alibi_slopes)
 
 
-def _paged_attention_local(q, k_pages, v_pages, md: AttentionMetadata, *, scale: float,
+def _paged_attention_local(q, k_pages, v_pages, md: StepMetadata, *, scale: float,
                            sliding_window=None, soft_cap=None, alibi_slopes=None):
     kwargs = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   alibi_slopes=alibi_slopes)
@@ -78,5 +57,5 @@ def _paged_attention_local(q, k_pages, v_pages, md: AttentionMetadata, *, scale:
         backend=md.backend, **kwargs)
 
 
-def write_kv(k_pages, v_pages, k_new, v_new, md: AttentionMetadata):
+def write_kv(k_pages, v_pages, k_new, v_new, md: StepMetadata):
     return reference.write_kv_pages(k_pages, v_pages, k_new, v_new, md.slot_mapping)

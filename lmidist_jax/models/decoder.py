@@ -1,109 +1,159 @@
 """The generic decoder-only transformer, configured entirely by a ModelSpec.
 
 It runs over a flat batch of tokens from many sequences (the rolling batch) and
-the paged KV cache; see ``attention.AttentionMetadata`` for how tokens map to pages.
+the paged KV cache; see ``step_metadata.StepMetadata`` for how tokens map to pages.
+Every family is this one decoder: its spec picks the norms, positions, residual
+layout, MLP kind and per-layer variants; its weight map fills the parameters.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
-from .attention import AttentionMetadata, paged_attention, write_kv
-from .layers import MLP, Embedding, Linear, Norm, param
+from ..parallel import TP_AXIS
+from .attention import paged_attention, write_kv
+from .layers import Embedding, Norm, make_mlp
+from .linear import FusedLayout, LinearSpec, linear_factory, param
 from .rope import RotaryEmbedding
 from .spec import ModelSpec
+from .step_metadata import StepMetadata
+
+
+def qkv_linear_spec(spec: ModelSpec) -> LinearSpec:
+    """q, k and v as one matmul. The kernel is [embed, KVH, G + 2, D] (per KV head: its
+    G query heads, its key, its value), sharded over KV heads, so every device computes
+    whole groups with one local matmul, whatever the tensor-parallel degree."""
+    kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
+    group = spec.num_heads // kv_heads
+    layout = FusedLayout(axis=1, parts=(("q", (kv_heads, group, head_dim)), ("k", (kv_heads, 1, head_dim)),
+                                        ("v", (kv_heads, 1, head_dim))), replicable=("k", "v"))
+    return LinearSpec("qkv", spec.hidden_size, (kv_heads, group + 2, head_dim),
+                      ("embed", "kv_heads", None, None), use_bias=spec.qkv_bias, fused=layout)
 
 
 class Attention(nnx.Module):
-    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding | None, dtype):
+    def __init__(self, spec: ModelSpec, layer: int, make_linear, mesh: Mesh | None, dtype):
         self.spec = spec
-        self.rotary = rotary
-        e = spec.hidden_size
-        self.q_proj = Linear(e, spec.q_size, axes=("embed", "heads"), use_bias=spec.qkv_bias, dtype=dtype)
-        self.k_proj = Linear(e, spec.kv_size, axes=("embed", "kv_heads"), use_bias=spec.qkv_bias, dtype=dtype)
-        self.v_proj = Linear(e, spec.kv_size, axes=("embed", "kv_heads"), use_bias=spec.qkv_bias, dtype=dtype)
-        self.o_proj = Linear(spec.q_size, e, axes=("heads", "embed"), use_bias=spec.o_bias, dtype=dtype)
+        self.mesh = mesh
+        self.sliding_window = spec.layer_window(layer)
+        self.scale = spec.layer_scale(layer)
+        self.rope = spec.layer_rope(layer) if spec.position_type == "rope" else None
+        self.qkv_proj = make_linear(qkv_linear_spec(spec))
+        self.o_proj = make_linear(LinearSpec("o", spec.q_size, (spec.hidden_size,), ("heads", "embed"),
+                                             use_bias=spec.o_bias))
+        if spec.qk_norm:
+            self.q_norm = Norm.of(spec, spec.head_dim, norm_type=spec.qk_norm, dtype=dtype)
+            self.k_norm = Norm.of(spec, spec.head_dim, norm_type=spec.qk_norm, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
 
-    def __call__(self, x, kv_cache, md: AttentionMetadata, cos_sin, alibi_slopes):
+    def __call__(self, x, kv_cache, md: StepMetadata, rotary: dict, alibi_slopes):
         spec = self.spec
         num_tokens = x.shape[0]
-        q = self.q_proj(x).reshape(num_tokens, spec.num_heads, spec.head_dim)
-        k = self.k_proj(x).reshape(num_tokens, spec.num_kv_heads, spec.head_dim)
-        v = self.v_proj(x).reshape(num_tokens, spec.num_kv_heads, spec.head_dim)
-        if self.rotary is not None:
-            cos, sin = cos_sin
-            q = self.rotary.apply(q, cos, sin)
-            k = self.rotary.apply(k, cos, sin)
+        group = spec.num_heads // spec.num_kv_heads
+        qkv = self.qkv_proj(x, md)  # [T, KVH, G + 2, D]
+        q = qkv[:, :, :group].reshape(num_tokens, spec.num_heads, spec.head_dim)
+        k, v = qkv[:, :, group], qkv[:, :, group + 1]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            emb, (cos, sin) = rotary[self.rope]
+            q, k = emb.apply(q, cos, sin), emb.apply(k, cos, sin)
         k_pages, v_pages = write_kv(*kv_cache, k, v, md)
-        out = paged_attention(q, k_pages, v_pages, md, scale=spec.scale,
-                              sliding_window=spec.sliding_window,
+        out = paged_attention(q, k_pages, v_pages, md, mesh=self.mesh, scale=self.scale,
+                              sliding_window=self.sliding_window,
                               soft_cap=spec.attn_logit_softcap, alibi_slopes=alibi_slopes)
-        return self.o_proj(out.reshape(num_tokens, spec.q_size)), (k_pages, v_pages)
+        return self.o_proj(out.reshape(num_tokens, spec.q_size), md), (k_pages, v_pages)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, spec: ModelSpec, rotary, dtype):
+    def __init__(self, spec: ModelSpec, layer: int, make_linear, mesh, dtype):
         self.parallel_residual = spec.parallel_residual
-        norm = dict(norm_type=spec.norm_type, eps=spec.norm_eps,
-                    scale_plus_one=spec.norm_scale_plus_one, dtype=dtype)
-        self.input_norm = Norm(spec.hidden_size, **norm)
-        self.attn = Attention(spec, rotary, dtype)
-        self.post_attn_norm = Norm(spec.hidden_size, **norm)
-        self.mlp = MLP(spec.hidden_size, spec.intermediate_size, gated=spec.mlp_type == "gated",
-                       activation=spec.activation, use_bias=spec.mlp_bias, dtype=dtype)
+        self.input_norm = Norm.of(spec, dtype=dtype)
+        self.attn = Attention(spec, layer, make_linear, mesh, dtype)
+        shared = spec.parallel_residual and spec.shared_input_norm
+        self.pre_mlp_norm = None if shared else Norm.of(spec, dtype=dtype)
+        self.attn_out_norm = Norm.of(spec, dtype=dtype) if spec.sandwich_norms else None
+        self.mlp_out_norm = Norm.of(spec, dtype=dtype) if spec.sandwich_norms else None
+        self.mlp = make_mlp(spec, make_linear, dtype)
 
-    def __call__(self, x, kv_cache, md, cos_sin, alibi_slopes):
+    def _mlp(self, h, md):
+        out = self.mlp(h, md)
+        return out if self.mlp_out_norm is None else self.mlp_out_norm(out)
+
+    def __call__(self, x, kv_cache, md, rotary, alibi_slopes):
         h = self.input_norm(x)
-        attn_out, kv_cache = self.attn(h, kv_cache, md, cos_sin, alibi_slopes)
+        attn_out, kv_cache = self.attn(h, kv_cache, md, rotary, alibi_slopes)
+        if self.attn_out_norm is not None:
+            attn_out = self.attn_out_norm(attn_out)
         if self.parallel_residual:
-            # GPT-J/NeoX/Falcon: x + attn(ln1(x)) + mlp(ln2(x)).
-            return x + attn_out + self.mlp(self.post_attn_norm(x)), kv_cache
+            # x + attn(ln1(x)) + mlp(ln2(x)), or mlp(ln1(x)) with one shared norm.
+            mlp_in = h if self.pre_mlp_norm is None else self.pre_mlp_norm(x)
+            return x + attn_out + self._mlp(mlp_in, md), kv_cache
         x = x + attn_out
-        return x + self.mlp(self.post_attn_norm(x)), kv_cache
+        return x + self._mlp(self.pre_mlp_norm(x), md), kv_cache
 
 
 class DecoderModel(nnx.Module):
-    """Embedding -> N decoder layers -> final norm -> LM head."""
+    """Embedding -> N decoder layers -> final norm -> LM head.
 
-    def __init__(self, spec: ModelSpec, dtype=jnp.float32, max_model_len: int | None = None):
+    ``mesh``: the device mesh the parameters sit on (attention runs per shard under
+    it); None on one device.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype=jnp.float32, max_model_len: int | None = None,
+                 mesh: Mesh | None = None):
         self.spec = spec
         self.dtype = dtype
+        if mesh is not None and mesh.shape[TP_AXIS] == 1:
+            mesh = None
+        make_linear = linear_factory(spec.linear_kind, dtype)
         self.embed = Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
-        rotary = RotaryEmbedding(spec, max_model_len) if spec.position_type == "rope" else None
-        self.rotary = rotary
+        self.rotary = {}
+        if spec.position_type == "rope":
+            kinds = {spec.layer_rope(i) for i in range(spec.num_layers)}
+            self.rotary = {kind: RotaryEmbedding(_rope_spec(spec, kind), max_model_len) for kind in sorted(kinds)}
         if spec.position_type == "learned":
-            self.position_embed = param((spec.max_position_embeddings, spec.hidden_size), dtype,
-                                        (None, "embed"))
+            self.position_embed = param((spec.max_position_embeddings + spec.position_offset, spec.hidden_size),
+                                        dtype, (None, "embed"))
         else:
             self.position_embed = None
-        self.layers = nnx.List([DecoderLayer(spec, rotary, dtype) for _ in range(spec.num_layers)])
-        self.final_norm = Norm(spec.hidden_size, norm_type=spec.norm_type, eps=spec.norm_eps,
-                               scale_plus_one=spec.norm_scale_plus_one, dtype=dtype)
+        self.layers = nnx.List([DecoderLayer(spec, i, make_linear, mesh, dtype) for i in range(spec.num_layers)])
+        self.final_norm = Norm.of(spec, dtype=dtype)
         self.lm_head = (None if spec.tie_word_embeddings else
-                        Linear(spec.hidden_size, spec.vocab_size, axes=("embed", "vocab"), dtype=dtype))
+                        make_linear(LinearSpec("lm_head", spec.hidden_size, (spec.vocab_size,),
+                                               ("embed", "vocab"), use_bias=spec.lm_head_bias)))
 
-    def __call__(self, token_ids, kv_caches, md: AttentionMetadata):
+    def __call__(self, token_ids, kv_caches, md: StepMetadata):
         """token_ids [T] -> (hidden [T, embed], updated kv_caches)."""
+        spec = self.spec
         x = self.embed(token_ids).astype(self.dtype)
-        if self.spec.embedding_multiplier is not None:
-            x = x * jnp.asarray(self.spec.embedding_multiplier, self.dtype)
+        if spec.embedding_multiplier is not None:
+            x = x * jnp.asarray(spec.embedding_multiplier, self.dtype)
         if self.position_embed is not None:
-            x = x + jnp.take(self.position_embed[...], md.positions, axis=0).astype(self.dtype)
-        cos_sin = self.rotary.cos_sin(md.positions) if self.rotary is not None else None
-        alibi_slopes = alibi_slopes_for(self.spec.num_heads) if self.spec.position_type == "alibi" else None
+            rows = md.positions + spec.position_offset
+            x = x + jnp.take(self.position_embed[...], rows, axis=0).astype(self.dtype)
+        rotary = {kind: (emb, emb.cos_sin(md.positions)) for kind, emb in self.rotary.items()}
+        alibi_slopes = None
+        if spec.position_type == "alibi":
+            alibi_slopes = alibi_slopes_for(spec.num_heads) * spec.alibi_scale
         new_caches = []
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, kv_cache = layer(x, kv_cache, md, cos_sin, alibi_slopes)
+            x, kv_cache = layer(x, kv_cache, md, rotary, alibi_slopes)
             new_caches.append(kv_cache)
         return self.final_norm(x), new_caches
 
-    def logits(self, hidden):
+    def logits(self, hidden, md: StepMetadata | None = None):
         """hidden [N, embed] -> float32 logits [N, vocab]."""
         if self.lm_head is None:
             logits = self.embed.attend(hidden)
         else:
-            logits = self.lm_head(hidden)
+            logits = self.lm_head(hidden, md)
         logits = logits.astype(jnp.float32)
         if self.spec.final_logit_softcap is not None:
             cap = self.spec.final_logit_softcap
@@ -111,10 +161,16 @@ class DecoderModel(nnx.Module):
         return logits
 
 
+def _rope_spec(spec: ModelSpec, kind: str) -> ModelSpec:
+    """The spec a rotary table is built from: Gemma 3's local layers have their own base
+    and no scaling."""
+    if kind == "local":
+        return dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_scaling=None)
+    return spec
+
+
 def alibi_slopes_for(num_heads: int):
     """ALiBi head slopes (Press et al.), including the non-power-of-two rule."""
-    import math
-
     closest = 2 ** math.floor(math.log2(num_heads))
     base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
     slopes = [base ** (i + 1) for i in range(closest)]

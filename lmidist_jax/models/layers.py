@@ -1,9 +1,8 @@
-"""Building blocks of the generic decoder: linear layers, norms, embeddings, MLPs.
+"""Building blocks of the generic decoder: norms, embeddings and the MLP kinds.
 
 Every parameter carries logical axis names (``logical_axes`` metadata) that the
-sharding rules map onto the device mesh. A linear layer is one module type per
-weight format (dense now; quantized and LoRA-carrying variants share its call
-signature), so the model never knows which variant it holds.
+sharding rules map onto the device mesh. Projections come from the model's linear
+factory (``linear.py``), so a block never knows which linear kind it holds.
 """
 
 from __future__ import annotations
@@ -12,39 +11,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-def param(shape, dtype, axes: tuple[str | None, ...]) -> nnx.Param:
-    """A parameter with logical axes. Values are placeholders: the model is built under
-    ``nnx.eval_shape`` and filled from a checkpoint (or random init)."""
-    assert len(shape) == len(axes), (shape, axes)
-    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
-
-
-class Linear(nnx.Module):
-    """Dense ``y = x @ kernel + bias`` with kernel [in_features, out_features]."""
-
-    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
-                 use_bias: bool = False, dtype=jnp.float32):
-        self.kernel = param((in_features, out_features), dtype, axes)
-        self.bias = param((out_features,), dtype, (axes[1],)) if use_bias else None
-
-    def __call__(self, x):
-        y = jnp.dot(x, self.kernel[...].astype(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(x.dtype)
-        return y
+from .linear import FusedLayout, LinearSpec, param
 
 
 class Norm(nnx.Module):
     """RMSNorm or LayerNorm, computed in float32. ``scale_plus_one`` is Gemma's (1 + w)."""
 
     def __init__(self, size: int, *, norm_type: str, eps: float, scale_plus_one: bool = False,
-                 dtype=jnp.float32):
+                 bias: bool = True, dtype=jnp.float32):
+        if norm_type not in ("rms", "layer"):
+            raise ValueError(f"unknown norm type {norm_type!r}; expected 'rms' or 'layer'")
         self.norm_type = norm_type
         self.eps = eps
         self.scale_plus_one = scale_plus_one
         self.scale = param((size,), dtype, ("norm",))
-        self.bias = param((size,), dtype, ("norm",)) if norm_type == "layer" else None
+        self.bias = param((size,), dtype, ("norm",)) if norm_type == "layer" and bias else None
+
+    @classmethod
+    def of(cls, spec, size: int | None = None, *, norm_type: str | None = None, dtype):
+        """The model's norm (type, eps, Gemma's 1 + w, bias) over ``size`` features."""
+        return cls(size or spec.hidden_size, norm_type=norm_type or spec.norm_type, eps=spec.norm_eps,
+                   scale_plus_one=spec.norm_scale_plus_one, bias=spec.norm_bias, dtype=dtype)
 
     def __call__(self, x):
         dtype = x.dtype
@@ -94,21 +81,43 @@ def activation_fn(name: str):
         raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}") from None
 
 
-class MLP(nnx.Module):
-    """Gated (act(x W_gate) * x W_up) W_down, or plain act(x W_up) W_down."""
+class GatedMLP(nnx.Module):
+    """``act(x W_gate) * (x W_up)`` then ``W_down``; gate and up are one fused matmul
+    with kernel [embed, 2, mlp] (sharded over mlp, so the fusion is shard-local)."""
 
-    def __init__(self, hidden: int, intermediate: int, *, gated: bool, activation: str,
-                 use_bias: bool, dtype):
-        self.gated = gated
-        self.act = activation_fn(activation)
-        self.gate_proj = (Linear(hidden, intermediate, axes=("embed", "mlp"), use_bias=use_bias, dtype=dtype)
-                          if gated else None)
-        self.up_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), use_bias=use_bias, dtype=dtype)
-        self.down_proj = Linear(intermediate, hidden, axes=("mlp", "embed"), use_bias=use_bias, dtype=dtype)
+    def __init__(self, spec, make_linear, *, dtype=None):
+        e, inner = spec.hidden_size, spec.intermediate_size
+        self.act = activation_fn(spec.activation)
+        self.gate_up_proj = make_linear(LinearSpec(
+            "gate_up", e, (2, inner), ("embed", None, "mlp"), use_bias=spec.mlp_bias,
+            fused=FusedLayout(axis=0, parts=(("gate", (1, inner)), ("up", (1, inner))))))
+        self.down_proj = make_linear(LinearSpec("down", inner, (e,), ("mlp", "embed"), use_bias=spec.mlp_bias))
 
-    def __call__(self, x):
-        if self.gated:
-            h = self.act(self.gate_proj(x)) * self.up_proj(x)
-        else:
-            h = self.act(self.up_proj(x))
-        return self.down_proj(h)
+    def __call__(self, x, md):
+        gate_up = self.gate_up_proj(x, md)  # [T, 2, mlp]
+        return self.down_proj(self.act(gate_up[:, 0]) * gate_up[:, 1], md)
+
+
+class PlainMLP(nnx.Module):
+    """``act(x W_up) W_down`` (GPT-2, NeoX, Falcon, Phi, StarCoder)."""
+
+    def __init__(self, spec, make_linear, *, dtype=None):
+        e, inner = spec.hidden_size, spec.intermediate_size
+        self.act = activation_fn(spec.activation)
+        self.up_proj = make_linear(LinearSpec("up", e, (inner,), ("embed", "mlp"), use_bias=spec.mlp_bias))
+        self.down_proj = make_linear(LinearSpec("down", inner, (e,), ("mlp", "embed"), use_bias=spec.mlp_bias))
+
+    def __call__(self, x, md):
+        return self.down_proj(self.act(self.up_proj(x, md)), md)
+
+
+# spec.mlp_type -> MLP module; a mixture of experts registers here as one more kind.
+MLP_KINDS = {"gated": GatedMLP, "plain": PlainMLP}
+
+
+def make_mlp(spec, make_linear, dtype):
+    try:
+        cls = MLP_KINDS[spec.mlp_type]
+    except KeyError:
+        raise ValueError(f"unknown MLP type {spec.mlp_type!r}; available: {', '.join(sorted(MLP_KINDS))}") from None
+    return cls(spec, make_linear, dtype=dtype)

@@ -15,9 +15,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import parallel
 from .decoder import DecoderModel
+from .linear import FusedLayout, assemble_fused, split_fused
 from .spec import ModelSpec
-
-DTYPES = {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
+from .weight_map import Part, Transposed
 
 
 @dataclasses.dataclass
@@ -42,12 +42,13 @@ class LoadedModel:
         return nnx.merge(self.graphdef, self.state)
 
 
-def abstract_model(spec: ModelSpec, dtype, max_model_len: int | None = None):
-    model = nnx.eval_shape(lambda: DecoderModel(spec, dtype=dtype, max_model_len=max_model_len))
+def abstract_model(spec: ModelSpec, dtype, max_model_len: int | None = None, mesh: Mesh | None = None):
+    model = nnx.eval_shape(lambda: DecoderModel(spec, dtype=dtype, max_model_len=max_model_len, mesh=mesh))
     return nnx.split(model)
 
 
-def _variables(state) -> dict[tuple, nnx.Variable]:
+def variables(state) -> dict[tuple, nnx.Variable]:
+    """Parameter path -> variable of a model state."""
     leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return {tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path): var for path, var in leaves}
 
@@ -66,15 +67,8 @@ def spec_for_mesh(spec: ModelSpec, tp: int) -> ModelSpec:
     return dataclasses.replace(spec, num_kv_heads=tp)
 
 
-def _replicate_kv_heads(array: np.ndarray, original: ModelSpec, target: ModelSpec, axis: int) -> np.ndarray:
-    """k/v projection with its ``axis`` of kv_heads * head_dim (the last for [in, out] and
-    biases, 0 for a checkpoint's [out, in]) repeated per head: kv head j becomes heads
-    j*r .. j*r+r-1."""
-    r = target.num_kv_heads // original.num_kv_heads
-    axis %= array.ndim
-    before, after = array.shape[:axis], array.shape[axis + 1:]
-    heads = array.reshape(*before, original.num_kv_heads, original.head_dim, *after)
-    return np.repeat(heads, r, axis=axis).reshape(*before, target.num_kv_heads * original.head_dim, *after)
+def _sharding(var, mesh: Mesh) -> NamedSharding:
+    return parallel.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
 
 
 def _place(array, sharding, dtype) -> jax.Array:
@@ -82,8 +76,6 @@ def _place(array, sharding, dtype) -> jax.Array:
     shard (also across hosts); dtype casts and ``Transposed`` matrices are done on the
     devices, shard by shard (the source is placed with the transposed sharding, so the
     transpose is local)."""
-    from converters.weight_maps import Transposed
-
     transpose = isinstance(array, Transposed)
     host = np.asarray(array.array if transpose else array)
     source_sharding = sharding
@@ -101,39 +93,173 @@ def _transpose_cast(x, dtype, sharding, transpose: bool):
     return jax.lax.with_sharding_constraint((x.T if transpose else x).astype(dtype), sharding)
 
 
-def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, np.ndarray]], *, dtype, mesh: Mesh,
+def _part_sharding(var, part_size: int, mesh: Mesh) -> NamedSharding:
+    """Placement of one checkpoint part (flat along the output) of a fused parameter:
+    split like the parameter when its sharded output dim is the part's leading one (then
+    each device receives only the rows it keeps), else replicated (small replicated KV
+    heads, or a mesh of one)."""
+    layout: FusedLayout = var.get_metadata()["fused"]
+    axes = var.get_metadata()["logical_axes"]
+    lead = var.ndim - len(layout.parts[0][1])
+    target = parallel.partition_spec(axes, var.shape, mesh)
+    out_spec = (tuple(target) + (None,) * var.ndim)[lead:var.ndim]
+    sharded = [j for j, a in enumerate(out_spec) if a is not None]
+    dims = var.shape[lead:]
+    if (len(sharded) == 1 and all(d == 1 for d in dims[:sharded[0]] if d)
+            and part_size % mesh.shape[out_spec[sharded[0]]] == 0):
+        flat = (None,) * lead + (out_spec[sharded[0]],)
+        return NamedSharding(mesh, PartitionSpec(*flat))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _lead(var) -> int:
+    """Number of input dims of a fused parameter (1 for a kernel, 0 for a bias)."""
+    return var.ndim - len(var.get_metadata()["fused"].parts[0][1])
+
+
+def _part_sharding(var, part_size: int, mesh: Mesh) -> NamedSharding:
+    """Placement of one checkpoint part ([in, n] or [n], flat along the output) of a
+    fused parameter: split like the parameter when the parameter's sharded output dim
+    comes first in the part (then each device receives only what it keeps), else
+    replicated (replicated KV heads; a mesh of one)."""
+    layout: FusedLayout = var.get_metadata()["fused"]
+    lead = _lead(var)
+    target = tuple(parallel.partition_spec(var.get_metadata()["logical_axes"], var.shape, mesh))
+    out_spec = (target + (None,) * var.ndim)[lead:var.ndim]
+    dims = layout.parts[0][1]
+    sharded = [j for j, axis in enumerate(out_spec) if axis is not None]
+    if (len(sharded) == 1 and all(d == 1 for d in dims[:sharded[0]])
+            and part_size % mesh.shape[out_spec[sharded[0]]] == 0):
+        return NamedSharding(mesh, PartitionSpec(*((None,) * lead + (out_spec[sharded[0]],))))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _place_part(array, sharding: NamedSharding) -> jax.Array:
+    """A part on the mesh as the checkpoint stores it (a ``Transposed`` part stays
+    [n, in], placed with the flipped sharding; the assembly transposes it)."""
+    host = np.asarray(array.array if isinstance(array, Transposed) else array)
+    if isinstance(array, Transposed):
+        spec = tuple(sharding.spec) + (None,) * (host.ndim - len(sharding.spec))
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[::-1]))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _assemble_on_devices(parts, layout, lead, transposed, dtype, sharding):
+    parts = {slot: (a.T if slot in transposed else a).astype(dtype) for slot, a in parts.items()}
+    return jax.lax.with_sharding_constraint(assemble_fused(parts, layout, lead), sharding)
+
+
+def _assemble(var, parts: dict, mesh: Mesh) -> jax.Array:
+    """Place each checkpoint part, then build the fused parameter on the devices."""
+    placed = {slot: _place_part(a, _part_sharding(var, a.shape[-1], mesh)) for slot, a in parts.items()}
+    transposed = tuple(sorted(slot for slot, a in parts.items() if isinstance(a, Transposed)))
+    return _assemble_on_devices(placed, var.get_metadata()["fused"], _lead(var), transposed,
+                                jnp.dtype(var.dtype), _sharding(var, mesh))
+
+
+def _path_name(path) -> str:
+    return ".".join(map(str, path))
+
+
+def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, object]], *, dtype, mesh: Mesh,
                max_model_len: int | None = None) -> LoadedModel:
-    """Places each mapped checkpoint tensor on the mesh as it arrives (host memory holds
-    one tensor at a time beyond what is already on the devices)."""
+    """Places each mapped checkpoint tensor on the mesh as it arrives. ``tensors`` yields
+    (parameter path, value): an array in our layout, a ``Transposed`` one, or a ``Part``
+    of a fused parameter (held on the host until the parameter's other parts arrive)."""
     original = spec
     spec = spec_for_mesh(spec, mesh.shape[parallel.TP_AXIS])
-    graphdef, state = abstract_model(spec, dtype, max_model_len)
-    variables = _variables(state)
-    filled = set()
-    from converters.weight_maps import Transposed
-
-    for path, array in tensors:
-        if spec is not original and path[-2] in ("k_proj", "v_proj"):
-            if isinstance(array, Transposed):  # heads are the leading axis of [out, in]
-                array = Transposed(_replicate_kv_heads(np.asarray(array.array), original, spec, axis=0))
-            else:
-                array = _replicate_kv_heads(np.asarray(array), original, spec, axis=-1)
-        if spec.tie_word_embeddings and path == ("lm_head", "kernel"):
+    graphdef, state = abstract_model(spec, dtype, max_model_len, mesh)
+    params = variables(state)
+    filled, pending = set(), {}
+    for path, value in tensors:
+        if spec.tie_word_embeddings and path[0] == "lm_head":
             continue  # tied: the embedding serves as the LM head
-        var = variables.get(path)
+        var = params.get(path)
         if var is None:
-            raise ValueError(f"checkpoint weight for {'.'.join(map(str, path))} has no place in the model")
-        if tuple(array.shape) != tuple(var.shape):
-            raise ValueError(f"checkpoint weight {'.'.join(map(str, path))} has shape {tuple(array.shape)}, "
+            raise ValueError(f"checkpoint weight for {_path_name(path)} has no place in the model")
+        if path in filled:
+            raise ValueError(f"the checkpoint holds {_path_name(path)} twice")
+        layout = var.get_metadata().get("fused")
+        if isinstance(value, Part) or layout is not None:
+            if layout is None or not isinstance(value, Part):
+                raise ValueError(f"checkpoint weight {_path_name(path)} is not made of named parts here")
+            if value.slot not in layout.slots:
+                raise ValueError(f"{_path_name(path)} has no part {value.slot!r}; parts: {', '.join(layout.slots)}")
+            parts = pending.setdefault(path, {})
+            parts[value.slot] = value.array
+            if len(parts) < len(layout.slots):
+                continue
+            del pending[path]
+            value = _assembled_checked(var, parts, path, mesh)
+            var.set_value(value)
+            filled.add(path)
+            continue
+        if tuple(value.shape) != tuple(var.shape):
+            raise ValueError(f"checkpoint weight {_path_name(path)} has shape {tuple(value.shape)}, "
                              f"the model expects {tuple(var.shape)}")
-        sharding = parallel.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
-        var.set_value(_place(array, sharding, var.dtype))
+        var.set_value(_place(value, _sharding(var, mesh), var.dtype))
         filled.add(path)
-    missing = sorted(set(variables) - filled)
+    for path, parts in pending.items():
+        missing = [s for s in params[path].get_metadata()["fused"].slots if s not in parts]
+        raise ValueError(f"checkpoint is missing the {', '.join(missing)} part(s) of {_path_name(path)}")
+    missing = sorted(set(params) - filled)
     if missing:
-        shown = ", ".join(".".join(map(str, p)) for p in missing[:8])
+        shown = ", ".join(_path_name(p) for p in missing[:8])
         raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {shown}")
     return LoadedModel(spec, graphdef, state, dtype, mesh, source_spec=original)
+
+
+def _assembled_checked(var, parts, path, mesh):
+    layout: FusedLayout = var.get_metadata()["fused"]
+    lead = _lead(var)
+    for slot, dims in layout.parts:
+        shape = tuple(parts[slot].shape)
+        want_lead = tuple(var.shape[:lead])
+        n = shape[-1]
+        full = int(np.prod(dims))
+        ok = shape[:-1] == want_lead and len(shape) == lead + 1 and (
+            n == full or (slot in layout.replicable and n and full % n == 0))
+        if not ok:
+            raise ValueError(f"checkpoint part {slot!r} of {_path_name(path)} has shape {shape}; the model "
+                             f"expects {want_lead + (full,)}")
+    return _assemble(var, parts, mesh)
+
+
+def to_source_layout(model: LoadedModel) -> dict:
+    """The parameters as a nested dict of host arrays in the checkpoint's own head layout
+    (KV heads replicated for the mesh are folded back), for saving."""
+    pure = nnx.to_pure_dict(model.state)
+    r = model.spec.num_kv_heads // model.source_spec.num_kv_heads
+    if r == 1:
+        return pure
+    _, source_state = abstract_model(model.source_spec, model.dtype)
+    source_vars = variables(source_state)
+    for path, var in variables(model.state).items():
+        layout = var.get_metadata().get("fused")
+        if layout is None or not layout.replicable:
+            continue
+        lead = _lead(var)
+        parts = split_fused(np.asarray(var[...]), layout, lead, repeats=r, xp=np)
+        node = pure
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = assemble_fused(parts, source_vars[path].get_metadata()["fused"], lead, xp=np)
+    return pure
+
+
+def parts_of(spec: ModelSpec, params: dict[tuple, np.ndarray], dtype) -> Iterable[tuple[tuple, object]]:
+    """(path, value) for ``load_model`` from parameters saved in ``spec``'s layout: fused
+    ones are split back into their named parts (so they can be re-laid for any mesh)."""
+    _, state = abstract_model(spec, dtype)
+    source_vars = variables(state)
+    for path, value in params.items():
+        layout = source_vars[path].get_metadata().get("fused") if path in source_vars else None
+        if layout is None:
+            yield path, value
+            continue
+        for slot, part in split_fused(value, layout, _lead(source_vars[path]), xp=np).items():
+            yield path, Part(slot, part)
 
 
 def random_model(spec: ModelSpec, *, dtype, mesh: Mesh, seed: int = 0,
@@ -142,13 +268,13 @@ def random_model(spec: ModelSpec, *, dtype, mesh: Mesh, seed: int = 0,
     benchmarks of real-size models without their checkpoints."""
     original = spec
     spec = spec_for_mesh(spec, mesh.shape[parallel.TP_AXIS])
-    graphdef, state = abstract_model(spec, dtype, max_model_len)
+    graphdef, state = abstract_model(spec, dtype, max_model_len, mesh)
     key = jax.random.key(seed)
     # One compiled initializer per distinct (shape, dtype, placement): a 32-layer model
     # has a handful, not one per weight.
     initializers = {}
-    for i, (path, var) in enumerate(sorted(_variables(state).items(), key=lambda kv: str(kv[0]))):
-        sharding = parallel.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
+    for i, (path, var) in enumerate(sorted(variables(state).items(), key=lambda kv: str(kv[0]))):
+        sharding = _sharding(var, mesh)
         is_norm = path[-1] == "scale"
         cache_key = (tuple(var.shape), jnp.dtype(var.dtype).name, sharding.spec, is_norm)
         if cache_key not in initializers:

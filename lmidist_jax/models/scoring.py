@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import AttentionMetadata
 from .loader import LoadedModel
+from .step_metadata import StepMetadataBuilder
 
 
 def prompt_logits(model: LoadedModel, token_ids, block_size: int = 16) -> np.ndarray:
@@ -21,14 +21,11 @@ def prompt_logits(model: LoadedModel, token_ids, block_size: int = 16) -> np.nda
     length = len(ids)
     num_blocks = -(-length // block_size)
     # Blocks 1..n (block 0 is the trash block by convention).
-    table = np.arange(1, num_blocks + 1, dtype=np.int32)
-    pos = np.arange(length, dtype=np.int32)
+    builder = StepMetadataBuilder(length, 1, num_blocks, block_size)
+    builder.add_sequence(0, np.arange(1, num_blocks + 1), 0, length)
+    md = builder.build()
     shape = (spec.num_kv_heads, num_blocks + 1, block_size, spec.head_dim)
     kv = [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for _ in range(spec.num_layers)]
-    md = AttentionMetadata(
-        positions=jnp.asarray(pos), slot_mapping=jnp.asarray(table[pos // block_size] * block_size + pos % block_size),
-        token_seq_ids=jnp.zeros(length, jnp.int32), block_tables=jnp.asarray(table[None]),
-        seq_lens=jnp.asarray([length], jnp.int32), logits_indices=jnp.asarray([length - 1], jnp.int32))
 
     @jax.jit
     def run(state, kv, ids, md):
@@ -36,6 +33,6 @@ def prompt_logits(model: LoadedModel, token_ids, block_size: int = 16) -> np.nda
 
         module = nnx.merge(model.graphdef, state)
         hidden, _ = module(ids, kv, md)
-        return module.logits(hidden)
+        return module.logits(hidden, md)
 
     return np.asarray(run(model.state, kv, jnp.asarray(ids), md))

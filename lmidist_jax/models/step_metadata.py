@@ -1,0 +1,65 @@
+"""The step's metadata (an explicit pytree argument of the jitted step, never a global)
+and the one place that assembles it on the host.
+
+It says where each token of a step sits in the paged cache, and carries any other
+per-token context a layer may need (a linear kind reads it through ``proj(x, md)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepMetadata:
+    """T = token bucket, S = sequence bucket, W = max blocks per sequence.
+    Padding tokens write into trash block 0; their outputs are never read."""
+
+    positions: jax.Array       # [T] int32 absolute position of each token
+    slot_mapping: jax.Array    # [T] int32 flat KV slot written by each token
+    token_seq_ids: jax.Array   # [T] int32 row of block_tables for each token
+    block_tables: jax.Array    # [S, W] int32
+    seq_lens: jax.Array        # [S] int32 context length after this step (0 for padding)
+    logits_indices: jax.Array  # [S] int32 token index whose logits each sequence samples from
+    # Static: every sequence has exactly one new token at position seq_len - 1 and
+    # tokens are ordered like sequences (T == S). Selects the decode kernel.
+    decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
+
+
+class StepMetadataBuilder:
+    """Fills the metadata of a step of ``num_tokens`` x ``num_seqs`` (padding included)
+    one sequence at a time; what is not filled stays padding."""
+
+    def __init__(self, num_tokens: int, num_seqs: int, max_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.positions = np.zeros(num_tokens, np.int32)
+        self.slot_mapping = np.zeros(num_tokens, np.int32)  # padding writes into trash block 0
+        self.token_seq_ids = np.full(num_tokens, num_seqs - 1, np.int32)
+        self.block_tables = np.zeros((num_seqs, max_blocks), np.int32)
+        self.seq_lens = np.zeros(num_seqs, np.int32)
+        self.logits_indices = np.zeros(num_seqs, np.int32)
+        self.num_tokens = 0  # tokens filled so far
+
+    def add_sequence(self, row: int, block_ids, start: int, count: int) -> slice:
+        """Sequence ``row`` computes positions start .. start + count - 1 (its KV blocks
+        are ``block_ids``); returns the slice of this step's tokens it occupies."""
+        t, bs = self.num_tokens, self.block_size
+        pos = np.arange(start, start + count, dtype=np.int32)
+        blocks = np.asarray(block_ids, np.int32)
+        self.positions[t:t + count] = pos
+        self.slot_mapping[t:t + count] = blocks[pos // bs] * bs + pos % bs
+        self.token_seq_ids[t:t + count] = row
+        self.block_tables[row, :len(blocks)] = blocks
+        self.seq_lens[row] = start + count
+        self.logits_indices[row] = t + count - 1
+        self.num_tokens = t + count
+        return slice(t, t + count)
+
+    def build(self, *, decode_only: bool = False, backend: str = "xla") -> StepMetadata:
+        return StepMetadata(self.positions, self.slot_mapping, self.token_seq_ids, self.block_tables,
+                            self.seq_lens, self.logits_indices, decode_only=decode_only, backend=backend)
