@@ -6,6 +6,12 @@ the HF Llama names, and the rotary row permutation that llama.cpp's converter ap
 to the Q and K projections is undone. The tokenizer is rebuilt from the GGUF metadata
 with transformers' GGUF tokenizer converter (which needs no torch).
 
+Also handles ``gemma3`` files (-> ``Gemma3ForCausalLM``): llama.cpp stores every Gemma 3
+RMSNorm weight as ``w + 1`` (HF's Gemma3RMSNorm multiplies by ``1 + w``), so 1 is
+subtracted again; Q/K are not permuted for Gemma. Its SentencePiece-BPE vocabulary is
+rebuilt as an HF BPE tokenizer whose merges follow the GGUF scores, which tokenizes the
+way llama.cpp's SPM tokenizer does.
+
 The output directory holds ``config.json``, ``generation_config.json``,
 ``model.safetensors`` (float32; sharded with an index when large), ``tokenizer.json``,
 ``tokenizer_config.json`` and the chat template. It is written into a temporary sibling
@@ -19,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,8 +34,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 
 _LAYER_TENSORS = {
@@ -47,6 +55,28 @@ _GLOBAL_TENSORS = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# Gemma 3 (gguf-py's TensorNameMap for MODEL_ARCH.GEMMA3): four norms per layer plus Q/K norms.
+_GEMMA3_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# llama.cpp's convert_hf_to_gguf.py (Gemma3Model.norm_shift) adds 1.0 to every tensor whose
+# HF name ends in "norm.weight"; HF's Gemma3RMSNorm computes x * (1 + weight).
+GEMMA3_NORM_SHIFT = 1.0
+# llama.cpp's defaults for gemma3 files that do not carry these keys (llama-model.cpp).
+_GEMMA3_SLIDING_WINDOW_PATTERN = 6
+_GEMMA3_ROPE_LOCAL_BASE = 10000.0
 # Tensors llama.cpp stores but the HF checkpoint does not (recomputed by the model).
 _SKIPPED_TENSORS = {"rope_freqs.weight"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
@@ -75,6 +105,131 @@ def _read_metadata(reader) -> dict[str, Any]:
         except Exception:  # pragma: no cover - exotic value types we don't need
             logger.debug("skipping unreadable GGUF field %s", key)
     return meta
+
+
+class _GGUFTensor:
+    """A tensor of a GGUF file: what the converter uses of ``gguf.ReaderTensor``."""
+
+    __slots__ = ("name", "tensor_type", "shape", "data")
+
+    def __init__(self, name: str, tensor_type: int, shape: np.ndarray, data: np.ndarray | None):
+        self.name = name
+        self.tensor_type = tensor_type
+        self.shape = shape  # ggml order (fastest-varying first), like ReaderTensor.shape
+        self.data = data  # raw bytes (uint8, one row per ggml row); None for an unknown type
+
+
+# GGUF value types (gguf.GGUFValueType) -> numpy dtypes (little-endian files).
+_GGUF_NUMPY = {0: np.uint8, 1: np.int8, 2: np.dtype("<u2"), 3: np.dtype("<i2"), 4: np.dtype("<u4"),
+               5: np.dtype("<i4"), 6: np.dtype("<f4"), 7: np.bool_, 10: np.dtype("<u8"),
+               11: np.dtype("<i8"), 12: np.dtype("<f8")}
+_GGUF_STRUCT = {t: struct.Struct("<" + c) for t, c in
+                {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}.items()}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _HeaderCursor:
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, vtype: int):
+        fmt = _GGUF_STRUCT[vtype]
+        (value,) = fmt.unpack_from(self.buf, self.pos)
+        self.pos += fmt.size
+        return value
+
+    def u32(self) -> int:
+        return self.scalar(4)
+
+    def u64(self) -> int:
+        return self.scalar(10)
+
+    def string(self) -> str:
+        n = self.u64()
+        start, self.pos = self.pos, self.pos + n
+        return self.buf[start:self.pos].decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype == _GGUF_STRING:
+            return self.string()
+        if vtype != _GGUF_ARRAY:
+            return self.scalar(vtype)
+        item_type, count = self.u32(), self.u64()
+        if item_type == _GGUF_STRING:
+            return [self.string() for _ in range(count)]
+        if item_type == _GGUF_ARRAY:
+            return [self.value(_GGUF_ARRAY) for _ in range(count)]
+        dtype = np.dtype(_GGUF_NUMPY[item_type])
+        values = np.frombuffer(self.buf, dtype, count, self.pos)
+        self.pos += dtype.itemsize * count
+        return values.tolist()
+
+
+def _read_gguf_fast(path: Path) -> tuple[dict[str, Any], list[_GGUFTensor]] | None:
+    """Metadata and tensors of a little-endian GGUF v2/v3 file, read straight from a memory map.
+
+    ``gguf.GGUFReader`` builds a numpy view per metadata array element, which takes ~45 s on
+    a 262k-token vocabulary; this takes well under a second. Returns None for files it does
+    not handle (big-endian, GGUF v1), which then go through GGUFReader.
+    """
+    import mmap
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    cur = _HeaderCursor(buf)
+    if bytes(buf[:4]) != b"GGUF":
+        raise GGUFConversionError(f"{path} is not a GGUF file")
+    cur.pos = 4
+    version = cur.u32()
+    if version not in (2, 3):  # v1 (32-bit counts) or a byte-swapped (big-endian) file
+        return None
+    n_tensors, n_kv = cur.u64(), cur.u64()
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        meta[key] = cur.value(cur.u32())
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = [cur.u64() for _ in range(cur.u32())]
+        infos.append((name, dims, cur.u32(), cur.u64()))
+    alignment = int(meta.get("general.alignment", 32))
+    data_start = -(-cur.pos // alignment) * alignment
+    tensors = []
+    for name, dims, ttype, offset in infos:
+        shape = np.array(dims, dtype=np.uint64)
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            tensors.append(_GGUFTensor(name, ttype, shape, None))
+            continue
+        row = int(dims[0]) if dims else 1
+        rows = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
+        row_bytes = row // block * type_size
+        start = data_start + offset
+        if start + rows * row_bytes > len(buf):
+            raise GGUFConversionError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
+        data = np.frombuffer(buf, np.uint8, rows * row_bytes, start).reshape(rows, row_bytes)
+        tensors.append(_GGUFTensor(name, ttype, shape, data))
+    return meta, tensors
+
+
+def _read_gguf(path: Path) -> tuple[dict[str, Any], list]:
+    """(metadata, tensors) of a GGUF file; tensors have name, tensor_type, shape and data."""
+    try:
+        fast = _read_gguf_fast(path)
+    except (struct.error, ValueError, IndexError, KeyError, UnicodeDecodeError) as e:
+        if isinstance(e, GGUFConversionError):
+            raise
+        raise GGUFConversionError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    if fast is not None:
+        return fast
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return _read_metadata(reader), list(reader.tensors)
 
 
 def _f32(value) -> float:
@@ -116,15 +271,14 @@ def _build_config(meta: dict, tensor_names: set[str], path: Path) -> dict:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFConversionError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    if arch == "gemma3":
+        return _build_gemma3_config(meta, tensor_names, path)
     p = f"{arch}."
     hidden = int(_required(meta, p + "embedding_length", path))
     heads = int(_required(meta, p + "attention.head_count", path))
     kv_heads = int(meta.get(p + "attention.head_count_kv", heads))
     head_dim = int(meta.get(p + "attention.key_length", meta.get(p + "rope.dimension_count", hidden // heads)))
-    vocab = meta.get(p + "vocab_size")
-    if vocab is None:
-        tokens = meta.get("tokenizer.ggml.tokens")
-        vocab = len(tokens) if tokens is not None else None
+    vocab = _vocab_size(meta, p)
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -144,10 +298,7 @@ def _build_config(meta: dict, tensor_names: set[str], path: Path) -> dict:
         "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
         "torch_dtype": "float32",
     }
-    for key, hf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
-        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if token_id is not None:
-            config[hf_key] = int(token_id)
+    _add_special_token_ids(config, meta)
 
     scaling_type = meta.get(p + "rope.scaling.type")
     if scaling_type not in (None, "none"):
@@ -165,16 +316,127 @@ def _build_config(meta: dict, tensor_names: set[str], path: Path) -> dict:
     return config
 
 
+def _vocab_size(meta: dict, prefix: str) -> int | None:
+    vocab = meta.get(prefix + "vocab_size")
+    if vocab is None:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = len(tokens) if tokens is not None else None
+    return int(vocab) if vocab is not None else None
+
+
+def _add_special_token_ids(config: dict, meta: dict) -> None:
+    for key, hf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None:
+            config[hf_key] = int(token_id)
+
+
+def _gemma3_layer_types(meta: dict, n_layers: int, sliding_window: int | None, path: Path) -> list[str]:
+    """Which layers use sliding-window attention, as llama.cpp decides it for gemma3."""
+    pattern = meta.get("gemma3.attention.sliding_window_pattern")
+    if not sliding_window:
+        return ["full_attention"] * n_layers
+    if isinstance(pattern, list):  # one bool per layer: True = sliding window
+        if len(pattern) != n_layers:
+            raise GGUFConversionError(f"{path}: gemma3.attention.sliding_window_pattern has {len(pattern)} "
+                                      f"entries for {n_layers} layers")
+        return ["sliding_attention" if swa else "full_attention" for swa in pattern]
+    # An int n: every n-th layer is global (llama.cpp: set_swa_pattern(n), default 6).
+    n = int(pattern) if pattern is not None else _GEMMA3_SLIDING_WINDOW_PATTERN
+    if n <= 0:
+        raise GGUFConversionError(f"{path}: bad gemma3.attention.sliding_window_pattern {pattern!r}")
+    return ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(n_layers)]
+
+
+def _build_gemma3_config(meta: dict, tensor_names: set[str], path: Path) -> dict:
+    """An HF Gemma3TextConfig (``Gemma3ForCausalLM``) from gemma3 GGUF metadata.
+
+    Keys the GGUF file lacks take the values llama.cpp itself assumes for gemma3
+    (llama-model.cpp): a sliding-window pattern of 6, a local rope base of 10000 and
+    attention scaled by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 62-layer 27B).
+    The layout is what transformers 5 writes (``layer_types``, ``rope_parameters`` per
+    layer type).
+    """
+    p = "gemma3."
+    hidden = int(_required(meta, p + "embedding_length", path))
+    heads = int(_required(meta, p + "attention.head_count", path))
+    n_layers = int(_required(meta, p + "block_count", path))
+    kv_heads = int(meta.get(p + "attention.head_count_kv", heads))
+    head_dim = int(meta.get(p + "attention.key_length", 256))
+    if int(meta.get(p + "attention.value_length", head_dim)) != head_dim:
+        raise GGUFConversionError(f"{path}: gemma3 with value_length != key_length is not supported")
+    if int(meta.get(p + "rope.dimension_count", head_dim)) != head_dim:
+        raise GGUFConversionError(f"{path}: partial rotary embeddings are not supported for gemma3")
+    sliding_window = meta.get(p + "attention.sliding_window")
+    sliding_window = int(sliding_window) if sliding_window else None
+    layer_types = _gemma3_layer_types(meta, n_layers, sliding_window, path)
+
+    scale = meta.get(p + "attention.scale")
+    if scale:  # llama.cpp multiplies the queries by this scale: HF by query_pre_attn_scalar ** -0.5
+        query_pre_attn_scalar = round(1.0 / float(scale) ** 2, 4)
+        if query_pre_attn_scalar == int(query_pre_attn_scalar):
+            query_pre_attn_scalar = int(query_pre_attn_scalar)
+    elif n_layers == 62:  # Gemma 3 27B (llama.cpp: LLM_TYPE_27B)
+        query_pre_attn_scalar = hidden // heads
+    else:
+        query_pre_attn_scalar = head_dim
+
+    full_rope: dict[str, Any] = {"rope_theta": _f32(meta.get(p + "rope.freq_base", 1_000_000.0)),
+                                 "rope_type": "default"}
+    scaling_type = meta.get(p + "rope.scaling.type")
+    if scaling_type not in (None, "none"):  # Gemma 3 4B+: linear scaling of the global layers
+        if scaling_type != "linear":
+            raise GGUFConversionError(f"{path}: gemma3 rope scaling {scaling_type!r} is not supported")
+        full_rope.update(rope_type="linear", factor=_f32(meta.get(p + "rope.scaling.factor", 1.0)))
+    sliding_rope = {"rope_theta": _f32(meta.get(p + "rope.freq_base_swa", _GEMMA3_ROPE_LOCAL_BASE)),
+                    "rope_type": "default"}
+
+    def softcap(key: str) -> float | None:
+        value = meta.get(p + key)
+        return _f32(value) if value else None
+
+    config: dict[str, Any] = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": hidden,
+        "intermediate_size": int(_required(meta, p + "feed_forward_length", path)),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": _f32(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(meta.get(p + "context_length", 131072)),
+        "vocab_size": _vocab_size(meta, p),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        "sliding_window": sliding_window,
+        "layer_types": layer_types,
+        "rope_parameters": {"full_attention": full_rope, "sliding_attention": sliding_rope},
+        "final_logit_softcapping": softcap("final_logit_softcapping"),
+        "attn_logit_softcapping": softcap("attn_logit_softcapping"),
+        "use_bidirectional_attention": False,
+        "torch_dtype": "float32",
+    }
+    _add_special_token_ids(config, meta)
+    if any(name.endswith(".bias") for name in tensor_names):
+        raise GGUFConversionError(f"{path}: gemma3 GGUF files with bias tensors are not supported")
+    return config
+
+
 # ---------------------------------------------------------------------------------------
 # Tensors
 # ---------------------------------------------------------------------------------------
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
+    layer_tensors = _GEMMA3_LAYER_TENSORS if arch == "gemma3" else _LAYER_TENSORS
     m = _LAYER_RE.match(gguf_name)
-    if m and m.group(2) in _LAYER_TENSORS:
-        return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in layer_tensors:
+        return f"model.layers.{m.group(1)}.{layer_tensors[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -205,7 +467,10 @@ def _dequantize(tensor) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    qtype = GGMLQuantizationType(int(tensor.tensor_type))
+    try:
+        qtype = GGMLQuantizationType(int(tensor.tensor_type))
+    except ValueError:
+        raise GGUFConversionError(f"tensor {tensor.name!r} has unknown GGML type {int(tensor.tensor_type)}") from None
     if qtype.name not in SUPPORTED_TENSOR_TYPES:
         raise GGUFConversionError(f"tensor {tensor.name!r} has type {qtype.name}, not one of "
                                   f"{', '.join(SUPPORTED_TENSOR_TYPES)}")
@@ -217,7 +482,29 @@ def _dequantize(tensor) -> np.ndarray:
     return array.reshape(shape)
 
 
+def _expected_gemma3_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    h, i, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (config["vocab_size"], h)
+    for n in range(config["num_hidden_layers"]):
+        pre = f"model.layers.{n}."
+        shapes.update({
+            pre + "self_attn.q_proj.weight": (q, h), pre + "self_attn.k_proj.weight": (kv, h),
+            pre + "self_attn.v_proj.weight": (kv, h), pre + "self_attn.o_proj.weight": (h, q),
+            pre + "self_attn.q_norm.weight": (d,), pre + "self_attn.k_norm.weight": (d,),
+            pre + "mlp.gate_proj.weight": (i, h), pre + "mlp.up_proj.weight": (i, h),
+            pre + "mlp.down_proj.weight": (h, i),
+            pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
+            pre + "pre_feedforward_layernorm.weight": (h,), pre + "post_feedforward_layernorm.weight": (h,),
+        })
+    return shapes
+
+
 def _expected_shapes(config: dict, o_bias: bool) -> dict[str, tuple[int, ...]]:
+    if config["model_type"] == "gemma3_text":
+        return _expected_gemma3_shapes(config)
     h, i = config["hidden_size"], config["intermediate_size"]
     d = config["head_dim"]
     q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
@@ -244,18 +531,25 @@ def _expected_shapes(config: dict, o_bias: bool) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _iter_hf_tensors(reader, config: dict, path: Path, progress: bool) -> Iterator[tuple[str, np.ndarray]]:
+def _iter_hf_tensors(tensors, config: dict, path: Path, progress: bool) -> Iterator[tuple[str, np.ndarray]]:
     from tqdm.auto import tqdm
 
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
+    gemma3 = config["model_type"] == "gemma3_text"
+    arch, family = ("gemma3", "Gemma3") if gemma3 else ("llama", "Llama")
+    for tensor in tqdm(tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
         if tensor.name in _SKIPPED_TENSORS:
             continue
-        name = _hf_name(tensor.name)
+        name = _hf_name(tensor.name, arch)
         if name is None:
-            raise GGUFConversionError(f"{path}: GGUF tensor {tensor.name!r} has no HF Llama counterpart")
+            raise GGUFConversionError(f"{path}: GGUF tensor {tensor.name!r} has no HF {family} counterpart")
         array = _dequantize(tensor)
-        if ".self_attn.q_proj." in name:
+        if gemma3:
+            # llama.cpp keeps Gemma's Q/K rows in HF order (its permute is LlamaModel-only),
+            # but stores every RMSNorm weight w as w + 1.
+            if name.endswith("norm.weight"):
+                array = array - np.float32(GEMMA3_NORM_SHIFT)
+        elif ".self_attn.q_proj." in name:
             array = unpermute_rotary(array, heads)
         elif ".self_attn.k_proj." in name:
             array = unpermute_rotary(array, kv_heads)
@@ -281,6 +575,54 @@ def _byte_level_pre_tokenizer(pre: str | None):
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
+# llama.cpp token types (gguf.TokenType).
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4
+
+
+def _spm_bpe_backend(meta: dict):
+    """A `tokenizers` BPE model equivalent to llama.cpp's SPM tokenizer on a SentencePiece-BPE
+    vocabulary without a space prefix (Gemma's), built from tokens, scores and token types.
+
+    llama.cpp (llm_tokenizer_spm) first splits out user-defined and control tokens, replaces
+    spaces with "▁", then repeatedly merges the adjacent pair whose concatenation is the
+    highest-scoring token, and spells leftover characters as <0xXX> byte tokens. HF's BPE does
+    the same when the merges are every (left, right) split of each normal token, ranked by
+    that token's score; user-defined tokens become added tokens and control tokens special
+    added tokens. (transformers' GGUFGemmaConverter makes a Unigram model instead, which
+    segments differently, and renames the <0x09> byte token to a second tab token.)
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    scores = meta.get("tokenizer.ggml.scores")
+    types = meta.get("tokenizer.ggml.token_type")
+    if scores is None or types is None or len(scores) != len(tokens) or len(types) != len(tokens):
+        raise GGUFConversionError("a SentencePiece GGUF vocabulary needs tokenizer.ggml.scores and "
+                                  "tokenizer.ggml.token_type for every token")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise GGUFConversionError("the GGUF vocabulary has duplicate tokens")
+    normal = sorted((i for i, ty in enumerate(types) if ty == _TOKEN_NORMAL and len(tokens[i]) > 1),
+                    key=lambda i: (-scores[i], i))
+    merges = []
+    for i in normal:
+        t = tokens[i]
+        splits = sorted((vocab[t[:k]], vocab[t[k:]]) for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab)
+        merges.extend((tokens[a], tokens[b]) for a, b in splits)
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True,
+                                   dropout=None))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # Added tokens match the raw text before normalization, as llama.cpp's special-token pass does.
+    backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                        for i, ty in enumerate(types) if ty == _TOKEN_USER_DEFINED])
+    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                for i, ty in enumerate(types) if ty in (_TOKEN_UNKNOWN, _TOKEN_CONTROL)])
+    return backend
+
+
 def _build_tokenizer(meta: dict, model_max_length: int | None = None):
     """A transformers fast tokenizer from the GGUF tokenizer metadata (no torch needed)."""
     from tokenizers import decoders, processors
@@ -295,7 +637,12 @@ def _build_tokenizer(meta: dict, model_max_length: int | None = None):
     tokenizer_type = tokenizer_dict.get("tokenizer_type", "llama")
     if tokenizer_type not in ("llama", "gpt2"):
         raise GGUFConversionError(f"GGUF tokenizer model {tokenizer_type!r} is not supported (llama, gpt2)")
-    backend, _ = convert_gguf_tokenizer("llama", tokenizer_dict)
+    if tokenizer_type == "llama" and meta.get("general.architecture") == "gemma3":
+        if meta.get("tokenizer.ggml.add_space_prefix", False):
+            raise GGUFConversionError("a gemma3 SentencePiece vocabulary with add_space_prefix is not supported")
+        backend = _spm_bpe_backend(meta)
+    else:
+        backend, _ = convert_gguf_tokenizer("llama", tokenizer_dict)
     byte_level = tokenizer_type == "gpt2"
     if byte_level:
         backend.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
@@ -398,13 +745,11 @@ def _fix_permissions(directory: Path) -> None:
 def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                        overwrite: bool = False, progress: bool = False,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Converts a llama-architecture GGUF file into an HF checkpoint directory at `out_dir`.
+    """Converts a llama- or gemma3-architecture GGUF file into an HF checkpoint directory at `out_dir`.
 
     Weights are dequantized to float32. Returns `out_dir`. Raises FileExistsError when
     `out_dir` exists (unless `overwrite`), GGUFConversionError for unsupported files.
     """
-    import gguf
-
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir).expanduser().absolute()
     if not gguf_path.is_file():
@@ -412,16 +757,15 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
 
-    reader = gguf.GGUFReader(str(gguf_path))
-    meta = _read_metadata(reader)
-    tensor_names = {t.name for t in reader.tensors}
+    meta, tensors = _read_gguf(gguf_path)
+    tensor_names = {t.name for t in tensors}
     config = _build_config(meta, tensor_names, gguf_path)
-    if "rope_freqs.weight" in tensor_names:
-        rope_freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    if "rope_freqs.weight" in tensor_names and config["model_type"] == "llama":
+        rope_freqs = next(t for t in tensors if t.name == "rope_freqs.weight")
         config["rope_scaling"] = _llama3_rope_scaling(_dequantize(rope_freqs), config["head_dim"],
                                                       config["rope_theta"])
     if config["vocab_size"] is None:
-        embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
         if embd is None:
             raise GGUFConversionError(f"{gguf_path}: no token_embd.weight tensor")
         config["vocab_size"] = int(embd.shape[-1])
@@ -429,7 +773,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
 
     def checked() -> Iterator[tuple[str, np.ndarray]]:
         seen = set()
-        for name, array in _iter_hf_tensors(reader, config, gguf_path, progress):
+        for name, array in _iter_hf_tensors(tensors, config, gguf_path, progress):
             want = expected.get(name)
             if want is None:
                 raise GGUFConversionError(f"{gguf_path}: unexpected tensor {name} for this config")

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also save the converted parameters (orbax) to DIR; DIR then loads as a model")
 
     fetch = sub.add_parser("fetch-model", help="download + convert a known model and print its directory")
-    fetch.add_argument("name", nargs="?", default="smollm2")
+    fetch.add_argument("name", nargs="?", default="smollm2", help="smollm2 (default) or gemma3-270m")
 
     serve = sub.add_parser("serve", help="serve the LMI HTTP API")
     serve.add_argument("--properties", default=None, help="serving.properties file")

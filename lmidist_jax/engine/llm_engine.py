@@ -87,7 +87,12 @@ class LLMEngine:
         chat template. Raises RequestError when there is none or it rejects the messages."""
         tok = self.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
-            raise RequestError("this model has no chat template")
+            # Base (pretrained) models such as gemma3-270m ship none: name the model and the way out.
+            name = getattr(tok, "name_or_path", None) if tok is not None else None
+            model = f"the model {str(name)!r}" if name else "this model"
+            raise RequestError(f"{model} has no chat template (its tokenizer defines none, as base/pretrained "
+                               "models usually do), so chat messages cannot be formatted; use generate() "
+                               "with a plain-text prompt instead")
         try:
             ids = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
                                           tokenize=True)
