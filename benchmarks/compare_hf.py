@@ -87,9 +87,9 @@ def main():
         source = SHAPES[args.shape]
         vocab = source["vocab_size"]
     else:
-        from converters.checkpoint import resolve_model_dir
+        from lmidist_jax.model_store import resolve_model
 
-        source = str(resolve_model_dir(args.model or "smollm2"))
+        source = str(resolve_model(args.model or "smollm2"))
         with open(os.path.join(source, "config.json")) as f:
             vocab = json.load(f)["vocab_size"]
     prompts = [list(map(int, rng.integers(10, vocab - 10, args.input_len))) for _ in range(args.num_requests)]

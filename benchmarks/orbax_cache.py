@@ -37,7 +37,8 @@ def main():
     import jax
 
     from lmidist_jax.models import converted_cache
-    from converters.checkpoint import iter_checkpoint_tensors, load_config, parse_dtype, resolve_model_dir
+    from converters.checkpoint import iter_checkpoint_tensors, load_config, parse_dtype
+    from lmidist_jax.model_store import resolve_model
     from lmidist_jax import parallel
     from lmidist_jax.models.loader import load_model
     from lmidist_jax.models.families import map_checkpoint, spec_from_hf_config
@@ -47,7 +48,7 @@ def main():
         model_dir = write_random_checkpoint(args.random, args.checkpoint_format, scratch.name)
         label = f"{args.random}-{args.checkpoint_format}"
     else:
-        model_dir = resolve_model_dir(args.model)
+        model_dir = resolve_model(args.model)
         label = args.model
     hf_config = load_config(model_dir)
     spec = spec_from_hf_config(hf_config)

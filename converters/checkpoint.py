@@ -1,7 +1,7 @@
 """Finding a model directory and streaming its HF checkpoint tensors as numpy arrays.
 
 lmidist-jax never downloads from the Hugging Face hub: a model is a local directory, an
-HF hub id already in the local HF cache, or one of `lmidist_jax.model_store.KNOWN_MODELS`.
+HF hub id already in the local HF cache, or a known model name the caller resolves.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -56,27 +56,27 @@ def _local_dir(path: Path) -> Path:
     return path
 
 
-def resolve_model_dir(model_id: str, revision: str | None = None) -> Path:
-    """A local checkpoint directory for `model_id`, never downloading.
+def resolve_model_dir(model_id: str, revision: str | None = None,
+                      known_models: Mapping[str, Callable[[], Path]] | None = None) -> Path:
+    """A local checkpoint directory for `model_id`, never downloading from a model hub.
 
-    `model_id` is a local directory, a known model name (`model_store.KNOWN_MODELS`,
-    fetched/converted on first use), or an HF hub id ("org/name") already in the local
-    HF cache (HF_HUB_CACHE / HF_HOME honoured).
+    `model_id` is a local directory, a name in `known_models` (name -> function returning
+    its directory: `lmidist_jax.model_store.resolve_model` passes its fetchers), or an HF
+    hub id ("org/name") already in the local HF cache (HF_HUB_CACHE / HF_HOME honoured).
     """
-    from lmidist_jax.model_store import KNOWN_MODELS, fetch_model
-
+    known = dict(known_models or {})
     if not model_id or not str(model_id).strip():
         raise ModelLoadError("no model given: pass a local model directory, an HF hub id in the local HF "
-                             f"cache, or one of: {', '.join(sorted(KNOWN_MODELS))}")
+                             f"cache, or one of: {', '.join(sorted(known))}")
     model_id = str(model_id)
     path = Path(model_id).expanduser()
     if path.is_dir():
         return _local_dir(path.absolute())
-    if model_id in KNOWN_MODELS:
-        return fetch_model(model_id)
+    if model_id in known:
+        return Path(known[model_id]())
     if not _looks_like_hub_id(model_id):
         raise ModelLoadError(f"model {model_id!r} is neither an existing directory, a known model "
-                             f"({', '.join(sorted(KNOWN_MODELS))}) nor an HF hub id of the form org/name")
+                             f"({', '.join(sorted(known))}) nor an HF hub id of the form org/name")
 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError

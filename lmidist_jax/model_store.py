@@ -320,3 +320,12 @@ def fetch_model(name: str = DEFAULT_MODEL, *, progress: bool = True) -> Path:
                 shutil.rmtree(target)
             convert_gguf_to_hf(gguf_file, target, progress=progress)
     return target
+
+
+def resolve_model(model_id: str, revision: str | None = None) -> Path:
+    """A local checkpoint directory for ``model_id``: a local directory, a known model name
+    (fetched and converted on first use), or an HF hub id already in the local HF cache."""
+    from converters.checkpoint import resolve_model_dir
+
+    known = {name: (lambda name=name: fetch_model(name)) for name in KNOWN_MODELS}
+    return resolve_model_dir(model_id, revision, known_models=known)

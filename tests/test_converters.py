@@ -206,7 +206,10 @@ def test_known_name_uses_model_store(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(model_store, "fetch_model", lambda name: calls.append(name) or d)
     monkeypatch.chdir(tmp_path)
-    assert resolve_model_dir("smollm2") == d and calls == ["smollm2"]
+    assert model_store.resolve_model("smollm2") == d and calls == ["smollm2"]
+    # converters knows no model store: a name only resolves through the one it is given.
+    with pytest.raises(ModelLoadError, match="neither an existing directory"):
+        resolve_model_dir("smollm2")
 
 
 def test_unrecognised_model_id(tmp_path, monkeypatch):

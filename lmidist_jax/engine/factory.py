@@ -37,17 +37,17 @@ def load_tokenizer(model_dir):
 
 
 def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEngine:
-    from converters.checkpoint import iter_checkpoint_tensors, load_config, parse_dtype, resolve_model_dir
+    from converters.checkpoint import iter_checkpoint_tensors, load_config, parse_dtype
     from converters import orbax_cache
     from ..models import converted_cache
-    from ..model_store import DEFAULT_MODEL
+    from ..model_store import DEFAULT_MODEL, resolve_model
 
     start = time.perf_counter()
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    model_dir = resolve_model_dir(config.model_id or DEFAULT_MODEL, config.revision)
+    model_dir = resolve_model(config.model_id or DEFAULT_MODEL, config.revision)
     hf_config = load_config(model_dir)
     spec = spec_from_hf_config(hf_config)
     dtype = jnp.dtype(parse_dtype(config.dtype, hf_config))
