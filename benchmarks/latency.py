@@ -2,7 +2,8 @@
 
 Roofline: every decode step must read the weights once (the embedding table excepted:
 one row) plus the sequence's KV cache, so the fastest possible step is
-(weight bytes + KV bytes) / measured copy bandwidth.
+(weight bytes + KV bytes) / the best device copy bandwidth measured in the same run
+(XLA and torch copies; see ``common.device_copy_bandwidth``).
 
   python benchmarks/latency.py --shape llama3-8b --dtype bf16 --input-len 128 --output-len 256
 """
@@ -19,23 +20,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import SHAPES, environment, write_result  # noqa: E402
-
-
-def copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20) -> float:
-    """Bytes read + written per second by a large device-to-device elementwise copy."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: a * 2)
-    jax.block_until_ready(f(x))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t)
-    return 2 * num_bytes / float(np.median(times))
+from benchmarks.common import SHAPES, device_copy_bandwidth, environment, write_result  # noqa: E402
 
 
 def matmul_flops(n: int = 8192, repeats: int = 10) -> float:
@@ -74,7 +59,8 @@ def main():
     from lmidist_jax.models.loader import random_model
     from lmidist_jax.models.families import spec_from_hf_config
 
-    bandwidth = copy_bandwidth() if jax.devices()[0].platform != "cpu" else copy_bandwidth(256 << 20, 5)
+    copies = device_copy_bandwidth() if jax.devices()[0].platform != "cpu" else device_copy_bandwidth(256 << 20, 5)
+    bandwidth = copies["best"]
     options = dict(o.split("=", 1) for o in args.option)
     options.setdefault("max_rolling_batch_size", 1)
     options.setdefault("max_model_len", args.input_len + args.output_len + 64)
@@ -113,6 +99,7 @@ def main():
         "benchmark": "latency", "shape": args.shape, "tensor_parallel_degree": config.tensor_parallel_degree, "dtype": args.dtype,
         "input_len": args.input_len, "output_len": args.output_len, "options": options,
         "copy_bandwidth_GBps": bandwidth / 1e9,
+        "copy_bandwidth_by_method_GBps": {k: v / 1e9 for k, v in copies.items() if isinstance(v, float)},
         "weight_bytes": weight_bytes, "kv_bytes_mean": kv_bytes,
         "ttft_s": ttft, "decode_ms_per_token": per_token * 1e3,
         "decode_tokens_per_s": 1 / per_token,

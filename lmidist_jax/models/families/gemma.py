@@ -9,7 +9,7 @@ import math
 from ..spec import ModelSpec, eos_ids, rope_config
 from ..weight_map import WeightMap, to
 from . import Family, register
-from .common import check_rope_scaling, first, llama_layer_names, llama_model_names, refuse
+from .common import check_rope_scaling, llama_layer_names, llama_model_names, refuse
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -78,11 +78,14 @@ def gemma_spec(config: dict, architecture: str) -> ModelSpec:
         o_bias=bias,
         sliding_window=int(window) if window else None,
         layer_types=layer_types if window else None,
-        attn_logit_softcap=config.get("attn_logit_softcapping") if version >= 2 else None,
+        # Gemma 3 keeps attn_logit_softcapping in its config but never applies it.
+        attn_logit_softcap=config.get("attn_logit_softcapping") if version == 2 else None,
         final_logit_softcap=config.get("final_logit_softcapping") if version >= 2 else None,
         query_scale=float(scalar) ** -0.5 if scalar else None,
         mlp_type="gated",
-        activation=first(config, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh"),
+        # transformers: Gemma reads hidden_act, Gemma 2/3 read hidden_activation.
+        activation=(config.get("hidden_act") if version == 1 else config.get("hidden_activation"))
+        or "gelu_pytorch_tanh",
         tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
         embedding_multiplier=math.sqrt(hidden),
         bos_token_id=config.get("bos_token_id"),
