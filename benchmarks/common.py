@@ -88,13 +88,14 @@ def device_copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20) -> dict:
             times.append(time.perf_counter() - t)
         return float(np.median(times))
 
-    out = {}
-    x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: a * 2)
-    holder = {}
-    out["xla"] = 2 * num_bytes / median_time(lambda: holder.__setitem__("y", f(x)),
-                                              lambda: jax.block_until_ready(holder["y"]))
-    del x, holder
+    def xla_copy():
+        x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)
+        f = jax.jit(lambda a: a * 2)
+        last = {}
+        return 2 * num_bytes / median_time(lambda: last.__setitem__("y", f(x)),
+                                            lambda: jax.block_until_ready(last["y"]))
+
+    out = {"xla": xla_copy()}
     if jax.devices()[0].platform == "gpu":
         try:
             import torch

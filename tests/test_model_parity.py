@@ -2,7 +2,6 @@
 (tests/tiny_models.py lists them and what each covers), at TP=1 and TP=2."""
 
 import json
-import os
 
 import numpy as np
 import pytest

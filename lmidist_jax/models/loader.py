@@ -93,25 +93,6 @@ def _transpose_cast(x, dtype, sharding, transpose: bool):
     return jax.lax.with_sharding_constraint((x.T if transpose else x).astype(dtype), sharding)
 
 
-def _part_sharding(var, part_size: int, mesh: Mesh) -> NamedSharding:
-    """Placement of one checkpoint part (flat along the output) of a fused parameter:
-    split like the parameter when its sharded output dim is the part's leading one (then
-    each device receives only the rows it keeps), else replicated (small replicated KV
-    heads, or a mesh of one)."""
-    layout: FusedLayout = var.get_metadata()["fused"]
-    axes = var.get_metadata()["logical_axes"]
-    lead = var.ndim - len(layout.parts[0][1])
-    target = parallel.partition_spec(axes, var.shape, mesh)
-    out_spec = (tuple(target) + (None,) * var.ndim)[lead:var.ndim]
-    sharded = [j for j, a in enumerate(out_spec) if a is not None]
-    dims = var.shape[lead:]
-    if (len(sharded) == 1 and all(d == 1 for d in dims[:sharded[0]] if d)
-            and part_size % mesh.shape[out_spec[sharded[0]]] == 0):
-        flat = (None,) * lead + (out_spec[sharded[0]],)
-        return NamedSharding(mesh, PartitionSpec(*flat))
-    return NamedSharding(mesh, PartitionSpec())
-
-
 def _lead(var) -> int:
     """Number of input dims of a fused parameter (1 for a kernel, 0 for a bias)."""
     return var.ndim - len(var.get_metadata()["fused"].parts[0][1])
@@ -191,8 +172,8 @@ def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, object]], *, dtyp
             if len(parts) < len(layout.slots):
                 continue
             del pending[path]
-            value = _assembled_checked(var, parts, path, mesh)
-            var.set_value(value)
+            _check_parts(var, parts, path)
+            var.set_value(_assemble(var, parts, mesh))
             filled.add(path)
             continue
         if tuple(value.shape) != tuple(var.shape):
@@ -210,7 +191,9 @@ def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, object]], *, dtyp
     return LoadedModel(spec, graphdef, state, dtype, mesh, source_spec=original)
 
 
-def _assembled_checked(var, parts, path, mesh):
+def _check_parts(var, parts, path) -> None:
+    """Each part must be [in, n] (or [n]) with n its slot's size, or a divisor of it for a
+    replicable slot (KV heads replicated for the mesh)."""
     layout: FusedLayout = var.get_metadata()["fused"]
     lead = _lead(var)
     for slot, dims in layout.parts:
@@ -223,7 +206,6 @@ def _assembled_checked(var, parts, path, mesh):
         if not ok:
             raise ValueError(f"checkpoint part {slot!r} of {_path_name(path)} has shape {shape}; the model "
                              f"expects {want_lead + (full,)}")
-    return _assemble(var, parts, mesh)
 
 
 def to_source_layout(model: LoadedModel) -> dict:

@@ -154,6 +154,24 @@ def split_parts(module: str, slots: tuple[str, ...], *, weight: str = "linear") 
     return emit
 
 
+# Table shorthands: a checkpoint module's weight and (optional) bias in one entry each.
+
+def linear(source: str, module: str) -> dict[str, Target]:
+    """``source.weight`` (nn.Linear, [out, in]) and ``source.bias`` -> ``module``."""
+    return {f"{source}.weight": to(module, linear=True), f"{source}.bias": to(f"{module}.bias")}
+
+
+def norm(source: str, module: str) -> dict[str, Target]:
+    """``source.weight`` / ``source.bias`` -> the ``scale`` / ``bias`` of norm ``module``."""
+    return {f"{source}.weight": to(f"{module}.scale"), f"{source}.bias": to(f"{module}.bias")}
+
+
+def fused_qkv(source: str, module: str, layout: str, *, weight: str = "linear") -> dict[str, Target]:
+    """A fused q/k/v checkpoint module (weight and bias) -> the q, k, v parts of ``module``."""
+    return {f"{source}.weight": split_qkv(module, layout, weight=weight),
+            f"{source}.bias": split_qkv(module, layout, weight="bias")}
+
+
 def _pattern(name: str) -> re.Pattern:
     return re.compile(re.escape(name).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 

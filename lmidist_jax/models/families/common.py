@@ -4,7 +4,7 @@ checkpoint names (``model.layers.N.self_attn.q_proj`` ...)."""
 from __future__ import annotations
 
 from ..spec import UnsupportedModelError
-from ..weight_map import part, to
+from ..weight_map import linear, part, to
 
 SUPPORTED_ROPE_SCALING = ("linear", "dynamic", "llama3", "yarn")
 
@@ -29,8 +29,7 @@ def llama_layer_names(prefix: str = "model.layers.{i}", *, mlp: str = "gated") -
     names = {
         f"{prefix}.input_layernorm.weight": to(f"{layer}.input_norm.scale"),
         f"{prefix}.post_attention_layernorm.weight": to(f"{layer}.pre_mlp_norm.scale"),
-        f"{attn}.o_proj.weight": to(f"{layer}.attn.o_proj", linear=True),
-        f"{attn}.o_proj.bias": to(f"{layer}.attn.o_proj.bias"),
+        **linear(f"{attn}.o_proj", f"{layer}.attn.o_proj"),
     }
     for slot in "qkv":
         names[f"{attn}.{slot}_proj.weight"] = part(f"{layer}.attn.qkv_proj", slot)
@@ -39,8 +38,7 @@ def llama_layer_names(prefix: str = "model.layers.{i}", *, mlp: str = "gated") -
         for slot in ("gate", "up"):
             names[f"{prefix}.mlp.{slot}_proj.weight"] = part(f"{layer}.mlp.gate_up_proj", slot)
             names[f"{prefix}.mlp.{slot}_proj.bias"] = part(f"{layer}.mlp.gate_up_proj", slot, weight="bias")
-        names[f"{prefix}.mlp.down_proj.weight"] = to(f"{layer}.mlp.down_proj", linear=True)
-        names[f"{prefix}.mlp.down_proj.bias"] = to(f"{layer}.mlp.down_proj.bias")
+        names.update(linear(f"{prefix}.mlp.down_proj", f"{layer}.mlp.down_proj"))
     return names
 
 

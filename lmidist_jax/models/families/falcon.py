@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from ..spec import ModelSpec, eos_ids, rope_config
-from ..weight_map import WeightMap, split_qkv, to
+from ..weight_map import WeightMap, fused_qkv, linear, norm, to
 from . import Family, register
 from .common import check_rope_scaling, refuse
 
@@ -56,24 +56,15 @@ def falcon_weight_map(spec: ModelSpec) -> WeightMap:
     two_norms = spec.parallel_residual and not spec.shared_input_norm
     return WeightMap({
         "transformer.word_embeddings.weight": to("embed.embedding"),
-        "transformer.ln_f.weight": to("final_norm.scale"),
-        "transformer.ln_f.bias": to("final_norm.bias"),
         "lm_head.weight": to("lm_head", linear=True),
-        f"{P}.input_layernorm.weight": to(f"{L}.input_norm.scale"),
-        f"{P}.input_layernorm.bias": to(f"{L}.input_norm.bias"),
-        f"{P}.ln_attn.weight": to(f"{L}.input_norm.scale"),
-        f"{P}.ln_attn.bias": to(f"{L}.input_norm.bias"),
-        f"{P}.ln_mlp.weight" if two_norms else f"{P}.post_attention_layernorm.weight": to(f"{L}.pre_mlp_norm.scale"),
-        f"{P}.ln_mlp.bias" if two_norms else f"{P}.post_attention_layernorm.bias": to(f"{L}.pre_mlp_norm.bias"),
-        f"{P}.self_attention.query_key_value.weight": split_qkv(f"{L}.attn.qkv_proj", spec.fused_qkv_layout),
-        f"{P}.self_attention.query_key_value.bias": split_qkv(f"{L}.attn.qkv_proj", spec.fused_qkv_layout,
-                                                              weight="bias"),
-        f"{P}.self_attention.dense.weight": to(f"{L}.attn.o_proj", linear=True),
-        f"{P}.self_attention.dense.bias": to(f"{L}.attn.o_proj.bias"),
-        f"{P}.mlp.dense_h_to_4h.weight": to(f"{L}.mlp.up_proj", linear=True),
-        f"{P}.mlp.dense_h_to_4h.bias": to(f"{L}.mlp.up_proj.bias"),
-        f"{P}.mlp.dense_4h_to_h.weight": to(f"{L}.mlp.down_proj", linear=True),
-        f"{P}.mlp.dense_4h_to_h.bias": to(f"{L}.mlp.down_proj.bias"),
+        **norm("transformer.ln_f", "final_norm"),
+        **norm(f"{P}.input_layernorm", f"{L}.input_norm"),
+        **norm(f"{P}.ln_attn", f"{L}.input_norm"),
+        **norm(f"{P}.ln_mlp" if two_norms else f"{P}.post_attention_layernorm", f"{L}.pre_mlp_norm"),
+        **fused_qkv(f"{P}.self_attention.query_key_value", f"{L}.attn.qkv_proj", spec.fused_qkv_layout),
+        **linear(f"{P}.self_attention.dense", f"{L}.attn.o_proj"),
+        **linear(f"{P}.mlp.dense_h_to_4h", f"{L}.mlp.up_proj"),
+        **linear(f"{P}.mlp.dense_4h_to_h", f"{L}.mlp.down_proj"),
     })
 
 

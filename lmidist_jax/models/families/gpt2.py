@@ -4,7 +4,7 @@ c_attn (GPT-2: Conv1D [in, 3*out]; GPTBigCode: Linear, MQA or per-head MHA), pla
 from __future__ import annotations
 
 from ..spec import ModelSpec, eos_ids
-from ..weight_map import WeightMap, split_qkv, to
+from ..weight_map import WeightMap, fused_qkv, linear, norm, to
 from . import Family, register
 from .common import first, refuse
 
@@ -37,27 +37,22 @@ def gpt2_weight_map(spec: ModelSpec) -> WeightMap:
     weight = "linear" if bigcode else "conv1d"
     qkv_layout = "concat" if spec.num_kv_heads != spec.num_heads or not bigcode else "per_head"
 
-    def proj(name):
-        return to(name, linear=True) if bigcode else to(f"{name}.kernel")
+    def proj(source, module):  # weight and bias
+        if bigcode:
+            return linear(source, module)
+        return {f"{source}.weight": to(f"{module}.kernel"), f"{source}.bias": to(f"{module}.bias")}
 
     names = {
         "transformer.wte.weight": to("embed.embedding"),
         "transformer.wpe.weight": to("position_embed"),
-        "transformer.ln_f.weight": to("final_norm.scale"),
-        "transformer.ln_f.bias": to("final_norm.bias"),
         "lm_head.weight": to("lm_head", linear=True),
-        f"{P}.ln_1.weight": to(f"{L}.input_norm.scale"),
-        f"{P}.ln_1.bias": to(f"{L}.input_norm.bias"),
-        f"{P}.ln_2.weight": to(f"{L}.pre_mlp_norm.scale"),
-        f"{P}.ln_2.bias": to(f"{L}.pre_mlp_norm.bias"),
-        f"{P}.attn.c_attn.weight": split_qkv(f"{L}.attn.qkv_proj", qkv_layout, weight=weight),
-        f"{P}.attn.c_attn.bias": split_qkv(f"{L}.attn.qkv_proj", qkv_layout, weight="bias"),
-        f"{P}.attn.c_proj.weight": proj(f"{L}.attn.o_proj"),
-        f"{P}.attn.c_proj.bias": to(f"{L}.attn.o_proj.bias"),
-        f"{P}.mlp.c_fc.weight": proj(f"{L}.mlp.up_proj"),
-        f"{P}.mlp.c_fc.bias": to(f"{L}.mlp.up_proj.bias"),
-        f"{P}.mlp.c_proj.weight": proj(f"{L}.mlp.down_proj"),
-        f"{P}.mlp.c_proj.bias": to(f"{L}.mlp.down_proj.bias"),
+        **norm("transformer.ln_f", "final_norm"),
+        **norm(f"{P}.ln_1", f"{L}.input_norm"),
+        **norm(f"{P}.ln_2", f"{L}.pre_mlp_norm"),
+        **fused_qkv(f"{P}.attn.c_attn", f"{L}.attn.qkv_proj", qkv_layout, weight=weight),
+        **proj(f"{P}.attn.c_proj", f"{L}.attn.o_proj"),
+        **proj(f"{P}.mlp.c_fc", f"{L}.mlp.up_proj"),
+        **proj(f"{P}.mlp.c_proj", f"{L}.mlp.down_proj"),
     }
     return WeightMap(names, ignore=[r".*\.attn\.(masked_)?bias"])
 

@@ -4,7 +4,7 @@ sequential residual with two norms."""
 from __future__ import annotations
 
 from ..spec import ModelSpec, eos_ids, rope_config
-from ..weight_map import WeightMap, split_qkv, to
+from ..weight_map import WeightMap, fused_qkv, linear, norm, to
 from . import Family, register
 from .common import check_rope_scaling, partial_rotary_factor
 
@@ -35,21 +35,14 @@ def neox_spec(config: dict, architecture: str) -> ModelSpec:
 def neox_weight_map(spec: ModelSpec) -> WeightMap:
     return WeightMap({
         "gpt_neox.embed_in.weight": to("embed.embedding"),
-        "gpt_neox.final_layer_norm.weight": to("final_norm.scale"),
-        "gpt_neox.final_layer_norm.bias": to("final_norm.bias"),
         "embed_out.weight": to("lm_head", linear=True),
-        f"{P}.input_layernorm.weight": to(f"{L}.input_norm.scale"),
-        f"{P}.input_layernorm.bias": to(f"{L}.input_norm.bias"),
-        f"{P}.post_attention_layernorm.weight": to(f"{L}.pre_mlp_norm.scale"),
-        f"{P}.post_attention_layernorm.bias": to(f"{L}.pre_mlp_norm.bias"),
-        f"{P}.attention.query_key_value.weight": split_qkv(f"{L}.attn.qkv_proj", "per_head"),
-        f"{P}.attention.query_key_value.bias": split_qkv(f"{L}.attn.qkv_proj", "per_head", weight="bias"),
-        f"{P}.attention.dense.weight": to(f"{L}.attn.o_proj", linear=True),
-        f"{P}.attention.dense.bias": to(f"{L}.attn.o_proj.bias"),
-        f"{P}.mlp.dense_h_to_4h.weight": to(f"{L}.mlp.up_proj", linear=True),
-        f"{P}.mlp.dense_h_to_4h.bias": to(f"{L}.mlp.up_proj.bias"),
-        f"{P}.mlp.dense_4h_to_h.weight": to(f"{L}.mlp.down_proj", linear=True),
-        f"{P}.mlp.dense_4h_to_h.bias": to(f"{L}.mlp.down_proj.bias"),
+        **norm("gpt_neox.final_layer_norm", "final_norm"),
+        **norm(f"{P}.input_layernorm", f"{L}.input_norm"),
+        **norm(f"{P}.post_attention_layernorm", f"{L}.pre_mlp_norm"),
+        **fused_qkv(f"{P}.attention.query_key_value", f"{L}.attn.qkv_proj", "per_head"),
+        **linear(f"{P}.attention.dense", f"{L}.attn.o_proj"),
+        **linear(f"{P}.mlp.dense_h_to_4h", f"{L}.mlp.up_proj"),
+        **linear(f"{P}.mlp.dense_4h_to_h", f"{L}.mlp.down_proj"),
     }, ignore=[r".*\.attention\.(masked_)?bias"])
 
 

@@ -5,7 +5,7 @@ gate_up_proj checkpoint tensors (and an optional sliding window)."""
 from __future__ import annotations
 
 from ..spec import ModelSpec, eos_ids, rope_config
-from ..weight_map import WeightMap, split_parts, split_qkv, to
+from ..weight_map import WeightMap, linear, norm, split_parts, split_qkv, to
 from . import Family, register
 from .common import check_rope_scaling, llama_layer_names, llama_model_names, partial_rotary_factor
 from .llama import llama_spec
@@ -36,29 +36,21 @@ def phi_spec(config: dict, architecture: str) -> ModelSpec:
 
 
 def phi_weight_map(spec: ModelSpec) -> WeightMap:
+    llama = llama_layer_names()
     names = {
         "model.embed_tokens.weight": to("embed.embedding"),
-        "model.final_layernorm.weight": to("final_norm.scale"),
-        "model.final_layernorm.bias": to("final_norm.bias"),
-        "lm_head.weight": to("lm_head", linear=True),
-        "lm_head.bias": to("lm_head.bias"),
-        f"{P}.input_layernorm.weight": to(f"{L}.input_norm.scale"),
-        f"{P}.input_layernorm.bias": to(f"{L}.input_norm.bias"),
-        f"{P}.self_attn.dense.weight": to(f"{L}.attn.o_proj", linear=True),
-        f"{P}.self_attn.dense.bias": to(f"{L}.attn.o_proj.bias"),
-        f"{P}.mlp.fc1.weight": to(f"{L}.mlp.up_proj", linear=True),
-        f"{P}.mlp.fc1.bias": to(f"{L}.mlp.up_proj.bias"),
-        f"{P}.mlp.fc2.weight": to(f"{L}.mlp.down_proj", linear=True),
-        f"{P}.mlp.fc2.bias": to(f"{L}.mlp.down_proj.bias"),
+        **linear("lm_head", "lm_head"),
+        **norm("model.final_layernorm", "final_norm"),
+        **norm(f"{P}.input_layernorm", f"{L}.input_norm"),
+        **linear(f"{P}.self_attn.dense", f"{L}.attn.o_proj"),
+        **linear(f"{P}.mlp.fc1", f"{L}.mlp.up_proj"),
+        **linear(f"{P}.mlp.fc2", f"{L}.mlp.down_proj"),
+        # q/k/v under Llama's names (with biases).
+        **{name: target for name, target in llama.items() if ".self_attn." in name and "o_proj" not in name},
     }
-    for name, slot in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
-        layer = llama_layer_names()
-        names[f"{P}.self_attn.{name}.weight"] = layer[f"{P}.self_attn.{name}.weight"]
-        names[f"{P}.self_attn.{name}.bias"] = layer[f"{P}.self_attn.{name}.bias"]
     if spec.qk_norm:
-        for x in "qk":
-            names[f"{P}.self_attn.{x}_layernorm.weight"] = to(f"{L}.attn.{x}_norm.scale")
-            names[f"{P}.self_attn.{x}_layernorm.bias"] = to(f"{L}.attn.{x}_norm.bias")
+        names.update({**norm(f"{P}.self_attn.q_layernorm", f"{L}.attn.q_norm"),
+                      **norm(f"{P}.self_attn.k_layernorm", f"{L}.attn.k_norm")})
     return WeightMap(names)
 
 

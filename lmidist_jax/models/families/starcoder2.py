@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..spec import ModelSpec, eos_ids, rope_config
-from ..weight_map import WeightMap, to
+from ..weight_map import WeightMap, linear, norm, to
 from . import Family, register
 from .common import check_rope_scaling, llama_layer_names
 
@@ -37,15 +37,12 @@ def starcoder2_weight_map(spec: ModelSpec) -> WeightMap:
     return WeightMap({
         **llama_layer_names(mlp="plain"),
         "model.embed_tokens.weight": to("embed.embedding"),
-        "model.norm.weight": to("final_norm.scale"),
-        "model.norm.bias": to("final_norm.bias"),
         "lm_head.weight": to("lm_head", linear=True),
-        f"{P}.input_layernorm.bias": to(f"{L}.input_norm.bias"),
-        f"{P}.post_attention_layernorm.bias": to(f"{L}.pre_mlp_norm.bias"),
-        f"{P}.mlp.c_fc.weight": to(f"{L}.mlp.up_proj", linear=True),
-        f"{P}.mlp.c_fc.bias": to(f"{L}.mlp.up_proj.bias"),
-        f"{P}.mlp.c_proj.weight": to(f"{L}.mlp.down_proj", linear=True),
-        f"{P}.mlp.c_proj.bias": to(f"{L}.mlp.down_proj.bias"),
+        **norm("model.norm", "final_norm"),
+        **norm(f"{P}.input_layernorm", f"{L}.input_norm"),
+        **norm(f"{P}.post_attention_layernorm", f"{L}.pre_mlp_norm"),
+        **linear(f"{P}.mlp.c_fc", f"{L}.mlp.up_proj"),
+        **linear(f"{P}.mlp.c_proj", f"{L}.mlp.down_proj"),
     })
 
 
