@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 import os
 
+import functools
+
 import torch
 import transformers
+
+import remote_layouts
+import remote_oracles
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
@@ -69,6 +74,22 @@ def _falcon(**kw):
 
 def _gpt2(**kw):
     return {**_GPT2, **kw}
+
+
+# OPT (init_std is what it reads for initializer_range), BLOOM (n_layer, n_head; MLP 4 * hidden)
+# and MPT (d_model, n_heads, n_layers, max_seq_len, attn_config) in their own names.
+def _opt(**kw):
+    return {**_TOKENS, "init_std": 0.1, "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 512, **kw}
+
+
+def _bloom(**kw):
+    return {**_TOKENS, "hidden_size": 64, "n_layer": 2, "n_head": 4, **kw}
+
+
+def _mpt(attn=None, **kw):
+    return {**_TOKENS, "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 512, "attn_config": attn or {},
+            **kw}
 
 
 _T = transformers
@@ -177,12 +198,119 @@ NEW_FAMILIES = {
                           _neox(num_key_value_heads=1, use_bias=False, tie_word_embeddings=False,
                                 rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
                           None),
+    # GPT-J: rotary over the first 8 of 16 dims per head in interleaved pairs, parallel residual
+    # sharing ln_1, no q/k/v/out biases, biased MLP and LM head, gelu_new, untied.
+    "gptj": (_T.GPTJConfig, _T.GPTJForCausalLM, _gpt2(rotary_dim=8), None),
+    # 8 heads of 8 with rotary over the whole head, n_inner None (-> 4*64), exact gelu.
+    "gptj_fullrot": (_T.GPTJConfig, _T.GPTJForCausalLM,
+                     _gpt2(n_head=8, rotary_dim=8, n_inner=None, activation_function="gelu"), None),
+    # A tied head keeps lm_head.bias: refused (UNSUPPORTED).
+    "gptj_tied": (_T.GPTJConfig, _T.GPTJForCausalLM, _gpt2(rotary_dim=8, tie_word_embeddings=True), None),
+    # GLM (native): GQA 4/2, head_dim 16, q/k/v biases, rotary over the first half of each head
+    # (GlmConfig's default partial_rotary_factor 0.5), interleaved pairs, fused gate_up_proj, untied.
+    # GlmConfig's pad_token_id (151329) is out of the tiny vocabulary: 0.
+    "glm": (_T.GlmConfig, _T.GlmForCausalLM, dict(_LLAMA_NAMES, pad_token_id=0, num_key_value_heads=2,
+                                                  head_dim=16), None),
+    # MQA, no q/k/v bias, tied, rotary 0.75 of the head, base 500.
+    "glm_mqa_tied": (_T.GlmConfig, _T.GlmForCausalLM,
+                     dict(_LLAMA_NAMES, pad_token_id=0, num_key_value_heads=1, head_dim=16, attention_bias=False,
+                          tie_word_embeddings=True,
+                          rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                           "partial_rotary_factor": 0.75}),
+                     None),
+    # MHA with head_dim 32 != 64/4, rotary 0.25 of the head with linear scaling x2.
+    "glm_hd32_linear": (_T.GlmConfig, _T.GlmForCausalLM,
+                        dict(_LLAMA_NAMES, pad_token_id=0, num_key_value_heads=4, head_dim=32,
+                             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0,
+                                              "partial_rotary_factor": 0.25}),
+                        None),
+    # -------- Remote-code families: the native oracle's weights rewritten in the remote layout and
+    # config (5th element, tests/remote_layouts.py). architecture None: the writer sets it.
+    # Qwen v1 from Qwen2 (MHA, q/k/v bias; no_bias=true), use_dynamic_ntk and use_logn_attn on with
+    # seq_length 256: the engine caps the context there, where both are inactive.
+    "qwen": (_T.Qwen2Config, _T.Qwen2ForCausalLM, dict(_LLAMA_NAMES, num_key_value_heads=4), None,
+             functools.partial(remote_layouts.write_qwen, seq_length=256, dynamic_ntk=True, logn=True)),
+    # rotary_pct 0.5, base 5000, tied, from Phi-3 (no q/k/v bias: c_attn.bias written as zeros).
+    "qwen_partial_tied": (_T.Phi3Config, _T.Phi3ForCausalLM,
+                          _phi3(num_key_value_heads=4, tie_word_embeddings=True,
+                                rope_parameters={"rope_type": "default", "rope_theta": 5000.0,
+                                                 "partial_rotary_factor": 0.5}),
+                          None, remote_layouts.write_qwen),
+    # no_bias=false (c_proj, w1, w2, mlp.c_proj biased), from Llama with attention_bias and mlp_bias.
+    "qwen_bias": (_T.LlamaConfig, _T.LlamaForCausalLM,
+                  dict(_LLAMA_NAMES, num_key_value_heads=4, attention_bias=True, mlp_bias=True), None,
+                  remote_layouts.write_qwen),
+    # InternLM2 from Llama: wqkv grouped [KVH, G + 2, D] with GQA 4/2, bias on wqkv and wo, untied.
+    "internlm2": (_T.LlamaConfig, _T.LlamaForCausalLM,
+                  dict(_LLAMA_NAMES, num_key_value_heads=2, attention_bias=True), None,
+                  remote_layouts.write_internlm2),
+    # MQA (G = 4), no bias, tied, rope_scaling {"type": "linear", "factor": 2}.
+    "internlm2_mqa_linear": (_T.LlamaConfig, _T.LlamaForCausalLM,
+                             dict(_LLAMA_NAMES, num_key_value_heads=1, tie_word_embeddings=True,
+                                  rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+                             None, remote_layouts.write_internlm2),
+    # MHA (G = 1), rope_scaling {"type": "dynamic", "factor": 2} (inactive within 512 positions), base 1e6.
+    "internlm2_mha_dynamic": (_T.LlamaConfig, _T.LlamaForCausalLM,
+                              dict(_LLAMA_NAMES, num_key_value_heads=4,
+                                   rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                    "rope_theta": 1000000.0}),
+                              None, remote_layouts.write_internlm2),
+    # ChatGLM2/3 from GLM (whose rotary is ChatGLM's: see write_chatglm): multi_query_group_num 2 of 4
+    # heads, kv_channels 16, add_qkv_bias, rope_ratio 1.
+    "chatglm": (_T.GlmConfig, _T.GlmForCausalLM,
+                dict(_LLAMA_NAMES, pad_token_id=0, num_key_value_heads=2, head_dim=16), None,
+                remote_layouts.write_chatglm),
+    # one KV group, kv_channels 32 != 64/4, no qkv bias, rope_ratio 5.
+    "chatglm_mqa1": (_T.GlmConfig, _T.GlmForCausalLM,
+                     dict(_LLAMA_NAMES, pad_token_id=0, num_key_value_heads=1, head_dim=32, attention_bias=False,
+                          rope_parameters={"rope_type": "default", "rope_theta": 50000.0,
+                                           "partial_rotary_factor": 0.5}),
+                     None, remote_layouts.write_chatglm),
+    # multi_query_attention false: query_key_value rows [heads, 3, D].
+    "chatglm_mha": (_T.GlmConfig, _T.GlmForCausalLM,
+                    dict(_LLAMA_NAMES, pad_token_id=0, num_key_value_heads=4, head_dim=16), None,
+                    remote_layouts.write_chatglm),
+    # -------- OPT, BLOOM, MPT, Baichuan.
+    # OPT-125m style: pre-LN, learned positions at row position + 2, ReLU, biases, tied.
+    "opt": (_T.OPTConfig, _T.OPTForCausalLM, _opt(), None),
+    # OPT-350m style: post-LN (norm after each residual add), no final norm, 32-wide embeddings
+    # and tied head with project_in / project_out to the 64-wide layers.
+    "opt_350m": (_T.OPTConfig, _T.OPTForCausalLM, _opt(do_layer_norm_before=False, word_embed_proj_dim=32), None),
+    # enable_bias false, LayerNorms without weight or bias, _remove_final_layer_norm, untied.
+    "opt_nobias_noaffine": (_T.OPTConfig, _T.OPTForCausalLM,
+                            _opt(enable_bias=False, layer_norm_elementwise_affine=False,
+                                 _remove_final_layer_norm=True, tie_word_embeddings=False), None),
+    # BLOOM: ALiBi (4 heads), word_embeddings_layernorm, query_key_value rows [heads, 3, d], tanh GeLU.
+    "bloom": (_T.BloomConfig, _T.BloomForCausalLM, _bloom(), None),
+    # 6 heads of 8: non-power-of-two ALiBi slopes.
+    "bloom_6h": (_T.BloomConfig, _T.BloomForCausalLM, _bloom(hidden_size=48, n_head=6), None),
+    # apply_residual_connection_post_layernorm: the residuals are the normed block inputs.
+    "bloom_residual_postln": (_T.BloomConfig, _T.BloomForCausalLM,
+                              _bloom(apply_residual_connection_post_layernorm=True), None),
+    # MPT: ALiBi (alibi_bias_max 8), LayerNorms without bias, Wqkv rows q|k|v, exact GeLU, tied.
+    "mpt": (_T.MptConfig, _T.MptForCausalLM, _mpt(), None),
+    # 6 heads of 8 (non-power-of-two slopes), clip_qkv 0.5 (clamps about half of q/k/v), softmax_scale.
+    "mpt_6h_clip": (_T.MptConfig, _T.MptForCausalLM,
+                    _mpt({"clip_qkv": 0.5, "softmax_scale": 0.2}, d_model=48, n_heads=6), None),
+    # What transformers' port ignores, computed as MosaicML's code does (tests/remote_oracles.py):
+    # alibi_bias_max 16, expansion_ratio 2, qk_ln after clip_qkv 1.0; 6 heads, untied.
+    "mpt_remote_qkln": (_T.MptConfig, remote_oracles.MPTForCausalLM,
+                        _mpt({"alibi_bias_max": 16, "qk_ln": True, "clip_qkv": 1.0}, d_model=48, n_heads=6,
+                             expansion_ratio=2, tie_word_embeddings=False), None),
+    # Baichuan-7B (BaiChuanForCausalLM, remote): Llama with q/k/v packed in W_pack.
+    "baichuan_7b": (_T.LlamaConfig, _T.LlamaForCausalLM, dict(_LLAMA_NAMES, num_key_value_heads=4), None,
+                    remote_oracles.write_baichuan),
+    # Baichuan2 (vocab 125696): NormHead, lm_head rows normalized at load (rotary here: see
+    # tests/test_baichuan.py for the ALiBi ones).
+    "baichuan2_normhead": (_T.LlamaConfig, _T.LlamaForCausalLM,
+                           dict(_LLAMA_NAMES, num_key_value_heads=4, vocab_size=125696), None,
+                           functools.partial(remote_oracles.write_baichuan, normhead=True)),
 }
 del _T
 
 ALL_FAMILIES = {**FAMILIES, **NEW_FAMILIES}
 # Variants the engine refuses at startup -> the phrase its error must contain.
-UNSUPPORTED = {"phi3_longrope": "longrope"}
+UNSUPPORTED = {"phi3_longrope": "longrope", "gptj_tied": "tie_word_embeddings"}
 
 
 def perturb_constants(model, seed: int = 0, std: float = 0.1):
@@ -208,7 +336,7 @@ def make_model(directory, family: str = "llama", seed: int = 0, **overrides):
         config_cls, model_cls, family_overrides, architecture = FAMILIES[family]
         base = COMMON
     else:
-        config_cls, model_cls, family_overrides, architecture = NEW_FAMILIES[family]
+        config_cls, model_cls, family_overrides, architecture = NEW_FAMILIES[family][:4]
         base = {}
     torch.manual_seed(seed)
     config = config_cls(**{**base, **family_overrides, **overrides})
@@ -216,6 +344,10 @@ def make_model(directory, family: str = "llama", seed: int = 0, **overrides):
     # HF initialises biases to zero and norm weights to one (Gemma: zero): make them matter.
     perturb_constants(model, seed)
     model.save_pretrained(str(directory))
+    for write_remote_layout in NEW_FAMILIES.get(family, ())[4:]:
+        # A remote-code family (optional 5th element): the checkpoint and config.json are rewritten
+        # in its own layout (tests/remote_layouts.py); nothing remote is run.
+        write_remote_layout(model, str(directory))
     if architecture:
         path = os.path.join(directory, "config.json")
         with open(path) as f:

@@ -26,6 +26,10 @@ class EngineConfigError(ValueError):
 
 
 def load_tokenizer(model_dir):
+    """The model directory's tokenizer, or None when it has none we can load without
+    running its code: lmidist-jax never executes a checkpoint's Python (remote-code
+    tokenizers such as Qwen v1's, ChatGLM's, InternLM2's included); such a model then
+    takes prompts as token ids."""
     import os
 
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -33,7 +37,14 @@ def load_tokenizer(model_dir):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) and "custom code" not in str(e):
+            raise
+        logger.warning("the tokenizer of %s needs its own Python code, which lmidist-jax never runs: "
+                       "prompts must be token ids (%s)", model_dir, str(e).splitlines()[0][:200])
+        return None
 
 
 def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEngine:

@@ -48,8 +48,11 @@ class Attention(nnx.Module):
         self.o_proj = make_linear(LinearSpec("o", spec.q_size, (spec.hidden_size,), ("heads", "embed"),
                                              use_bias=spec.o_bias))
         if spec.qk_norm:
-            self.q_norm = Norm.of(spec, spec.head_dim, norm_type=spec.qk_norm, dtype=dtype)
-            self.k_norm = Norm.of(spec, spec.head_dim, norm_type=spec.qk_norm, dtype=dtype)
+            # Per head, or (MPT qk_ln) over all of q and all of k; MPT is MHA, so the KV heads
+            # of k are never replicated for tensor parallelism.
+            q_size, k_size = (spec.head_dim,) * 2 if spec.qk_norm_per_head else (spec.q_size, spec.kv_size)
+            self.q_norm = Norm.of(spec, q_size, norm_type=spec.qk_norm, dtype=dtype)
+            self.k_norm = Norm.of(spec, k_size, norm_type=spec.qk_norm, dtype=dtype)
         else:
             self.q_norm = self.k_norm = None
 
@@ -58,10 +61,15 @@ class Attention(nnx.Module):
         num_tokens = x.shape[0]
         group = spec.num_heads // spec.num_kv_heads
         qkv = self.qkv_proj(x, md)  # [T, KVH, G + 2, D]
+        if spec.clip_qkv is not None:
+            qkv = jnp.clip(qkv, -spec.clip_qkv, spec.clip_qkv)
         q = qkv[:, :, :group].reshape(num_tokens, spec.num_heads, spec.head_dim)
         k, v = qkv[:, :, group], qkv[:, :, group + 1]
-        if self.q_norm is not None:
+        if self.q_norm is not None and spec.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
+        elif self.q_norm is not None:  # over all heads (q is head-sharded under TP: XLA reduces across)
+            q = self.q_norm(q.reshape(num_tokens, -1)).reshape(q.shape)
+            k = self.k_norm(k.reshape(num_tokens, -1)).reshape(k.shape)
         if self.rope is not None:
             emb, (cos, sin) = rotary[self.rope]
             q, k = emb.apply(q, cos, sin), emb.apply(k, cos, sin)
@@ -75,6 +83,10 @@ class Attention(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, spec: ModelSpec, layer: int, make_linear, mesh, dtype):
         self.parallel_residual = spec.parallel_residual
+        self.post_norm = spec.post_norm
+        self.residual_from_norm = spec.residual_from_norm
+        if spec.parallel_residual and (spec.post_norm or spec.residual_from_norm):
+            raise ValueError("post_norm and residual_from_norm are sequential-residual layouts")
         self.input_norm = Norm.of(spec, dtype=dtype)
         self.attn = Attention(spec, layer, make_linear, mesh, dtype)
         shared = spec.parallel_residual and spec.shared_input_norm
@@ -88,7 +100,7 @@ class DecoderLayer(nnx.Module):
         return out if self.mlp_out_norm is None else self.mlp_out_norm(out)
 
     def __call__(self, x, kv_cache, md, rotary, alibi_slopes):
-        h = self.input_norm(x)
+        h = x if self.post_norm else self.input_norm(x)
         attn_out, kv_cache = self.attn(h, kv_cache, md, rotary, alibi_slopes)
         if self.attn_out_norm is not None:
             attn_out = self.attn_out_norm(attn_out)
@@ -96,8 +108,13 @@ class DecoderLayer(nnx.Module):
             # x + attn(ln1(x)) + mlp(ln2(x)), or mlp(ln1(x)) with one shared norm.
             mlp_in = h if self.pre_mlp_norm is None else self.pre_mlp_norm(x)
             return x + attn_out + self._mlp(mlp_in, md), kv_cache
-        x = x + attn_out
-        return x + self._mlp(self.pre_mlp_norm(x), md), kv_cache
+        if self.post_norm:  # OPT-350m: norm after each residual add
+            x = self.input_norm(x + attn_out)
+            return self.pre_mlp_norm(x + self._mlp(x, md)), kv_cache
+        # BLOOM's apply_residual_connection_post_layernorm adds to the normed input instead.
+        x = (h if self.residual_from_norm else x) + attn_out
+        h = self.pre_mlp_norm(x)
+        return (h if self.residual_from_norm else x) + self._mlp(h, md), kv_cache
 
 
 class DecoderModel(nnx.Module):
@@ -114,7 +131,15 @@ class DecoderModel(nnx.Module):
         if mesh is not None and mesh.shape[TP_AXIS] == 1:
             mesh = None
         make_linear = linear_factory(spec.linear_kind, dtype)
-        self.embed = Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
+        embed_size = spec.word_embed_size or spec.hidden_size
+        self.embed = Embedding(spec.vocab_size, embed_size, dtype=dtype)
+        self.embed_norm = Norm.of(spec, embed_size, dtype=dtype) if spec.embedding_norm else None
+        # OPT-350m: embeddings (and the tied head) narrower than the layers. Small: replicated.
+        projected = embed_size != spec.hidden_size
+        self.project_in = (make_linear(LinearSpec("project_in", embed_size, (spec.hidden_size,), ("embed", "embed")))
+                           if projected else None)
+        self.project_out = (make_linear(LinearSpec("project_out", spec.hidden_size, (embed_size,), ("embed", "embed")))
+                            if projected else None)
         self.rotary = {}
         if spec.position_type == "rope":
             kinds = {spec.layer_rope(i) for i in range(spec.num_layers)}
@@ -125,9 +150,9 @@ class DecoderModel(nnx.Module):
         else:
             self.position_embed = None
         self.layers = nnx.List([DecoderLayer(spec, i, make_linear, mesh, dtype) for i in range(spec.num_layers)])
-        self.final_norm = Norm.of(spec, dtype=dtype)
+        self.final_norm = Norm.of(spec, dtype=dtype) if spec.final_norm else None
         self.lm_head = (None if spec.tie_word_embeddings else
-                        make_linear(LinearSpec("lm_head", spec.hidden_size, (spec.vocab_size,),
+                        make_linear(LinearSpec("lm_head", embed_size, (spec.vocab_size,),
                                                ("embed", "vocab"), use_bias=spec.lm_head_bias)))
 
     def __call__(self, token_ids, kv_caches, md: StepMetadata):
@@ -138,20 +163,28 @@ class DecoderModel(nnx.Module):
     def _forward(self, token_ids, kv_caches, md: StepMetadata):
         spec = self.spec
         x = self.embed(token_ids).astype(self.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         if spec.embedding_multiplier is not None:
             x = x * jnp.asarray(spec.embedding_multiplier, self.dtype)
+        if self.project_in is not None:
+            x = self.project_in(x, md)
         if self.position_embed is not None:
             rows = md.positions + spec.position_offset
             x = x + jnp.take(self.position_embed[...], rows, axis=0).astype(self.dtype)
         rotary = {kind: (emb, emb.cos_sin(md.positions)) for kind, emb in self.rotary.items()}
         alibi_slopes = None
         if spec.position_type == "alibi":
-            alibi_slopes = alibi_slopes_for(spec.num_heads) * spec.alibi_scale
+            alibi_slopes = alibi_slopes_for(spec.num_heads, spec.alibi_bias_max) * spec.alibi_scale
         new_caches = []
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, kv_cache = layer(x, kv_cache, md, rotary, alibi_slopes)
             new_caches.append(kv_cache)
-        return self.final_norm(x), new_caches
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x, md)
+        return x, new_caches
 
     def logits(self, hidden, md: StepMetadata | None = None):
         """hidden [N, embed] -> float32 logits [N, vocab]."""
@@ -178,12 +211,13 @@ def _rope_spec(spec: ModelSpec, kind: str) -> ModelSpec:
     return spec
 
 
-def alibi_slopes_for(num_heads: int):
-    """ALiBi head slopes (Press et al.), including the non-power-of-two rule."""
-    closest = 2 ** math.floor(math.log2(num_heads))
-    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
-    slopes = [base ** (i + 1) for i in range(closest)]
-    if closest != num_heads:
-        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
-        slopes += [extra_base ** (2 * i + 1) for i in range(num_heads - closest)]
+def alibi_slopes_for(num_heads: int, bias_max: float = 8.0):
+    """ALiBi head slopes as MPT's gen_slopes computes them: with n' the power of two >= n,
+    2^(-bias_max * k / n') for k = 1..n', then (n' != n) the even k followed by the odd k,
+    n in all. With bias_max 8 these are Press et al.'s slopes (BLOOM's build_alibi_tensor:
+    2^(-8k/m) for the power of two m <= n, then the odd k of 2m), for any n."""
+    padded = 2 ** math.ceil(math.log2(num_heads))
+    slopes = [2.0 ** (-bias_max * k / padded) for k in range(1, padded + 1)]
+    if padded != num_heads:
+        slopes = (slopes[1::2] + slopes[::2])[:num_heads]
     return jnp.asarray(slopes, jnp.float32)

@@ -15,23 +15,25 @@ from .linear import FusedLayout, LinearSpec, param
 
 
 class Norm(nnx.Module):
-    """RMSNorm or LayerNorm, computed in float32. ``scale_plus_one`` is Gemma's (1 + w)."""
+    """RMSNorm or LayerNorm, computed in float32. ``scale_plus_one`` is Gemma's (1 + w);
+    ``affine=False``: no learned scale or bias."""
 
     def __init__(self, size: int, *, norm_type: str, eps: float, scale_plus_one: bool = False,
-                 bias: bool = True, dtype=jnp.float32):
+                 bias: bool = True, affine: bool = True, dtype=jnp.float32):
         if norm_type not in ("rms", "layer"):
             raise ValueError(f"unknown norm type {norm_type!r}; expected 'rms' or 'layer'")
         self.norm_type = norm_type
         self.eps = eps
         self.scale_plus_one = scale_plus_one
-        self.scale = param((size,), dtype, ("norm",))
-        self.bias = param((size,), dtype, ("norm",)) if norm_type == "layer" and bias else None
+        self.scale = param((size,), dtype, ("norm",)) if affine else None
+        self.bias = param((size,), dtype, ("norm",)) if norm_type == "layer" and bias and affine else None
 
     @classmethod
     def of(cls, spec, size: int | None = None, *, norm_type: str | None = None, dtype):
         """The model's norm (type, eps, Gemma's 1 + w, bias) over ``size`` features."""
         return cls(size or spec.hidden_size, norm_type=norm_type or spec.norm_type, eps=spec.norm_eps,
-                   scale_plus_one=spec.norm_scale_plus_one, bias=spec.norm_bias, dtype=dtype)
+                   scale_plus_one=spec.norm_scale_plus_one, bias=spec.norm_bias, affine=spec.norm_affine,
+                   dtype=dtype)
 
     def __call__(self, x):
         dtype = x.dtype
@@ -42,10 +44,9 @@ class Norm(nnx.Module):
             mean = jnp.mean(x, axis=-1, keepdims=True)
             var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
             x = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        scale = self.scale[...].astype(jnp.float32)
-        if self.scale_plus_one:
-            scale = scale + 1.0
-        x = x * scale
+        if self.scale is not None:
+            scale = self.scale[...].astype(jnp.float32)
+            x = x * (scale + 1.0 if self.scale_plus_one else scale)
         if self.bias is not None:
             x = x + self.bias[...].astype(jnp.float32)
         return x.astype(dtype)

@@ -30,10 +30,25 @@ class ModelSpec:
     norm_eps: float = 1e-6
     norm_scale_plus_one: bool = False
     norm_bias: bool = True
+    # False: norms without any learned scale or bias (OPT layer_norm_elementwise_affine=false).
+    norm_affine: bool = True
     # Per-head norm of q and k before rotary ("rms" Gemma 3, "layer" Phi), or None.
     qk_norm: str | None = None
+    # False: qk_norm normalizes all of q (all heads together) and all of k instead of each
+    # head (MPT qk_ln: LayerNorm over n_heads * head_dim).
+    qk_norm_per_head: bool = True
     # Gemma 2/3: norms on the attention and MLP outputs too (before the residual add).
     sandwich_norms: bool = False
+    # BLOOM: a norm on the token embeddings (word_embeddings_layernorm).
+    embedding_norm: bool = False
+    # OPT-350m post-LN layers: x = norm1(x + attn(x)); x = norm2(x + mlp(x)) (input_norm
+    # and pre_mlp_norm applied after each residual add instead of before each block).
+    post_norm: bool = False
+    # BLOOM apply_residual_connection_post_layernorm: each residual is the block's normed
+    # input instead of its input.
+    residual_from_norm: bool = False
+    # False: no norm after the last layer (OPT-350m, OPT _remove_final_layer_norm).
+    final_norm: bool = True
 
     # Positions: "rope" | "alibi" | "learned" | "none".
     position_type: str = "rope"
@@ -43,7 +58,7 @@ class ModelSpec:
     rope_scaling: dict[str, Any] | None = None
     # Gemma 3: sliding-window layers use their own base and no scaling.
     rope_local_theta: float | None = None
-    # Learned absolute positions (GPT-2, StarCoder): row = position + offset.
+    # Learned absolute positions (GPT-2, StarCoder, OPT): row = position + offset (OPT: 2).
     position_offset: int = 0
 
     # Attention.
@@ -57,6 +72,8 @@ class ModelSpec:
     # sliding_window (which may be None).
     layer_types: tuple[str, ...] | None = None
     attn_logit_softcap: float | None = None
+    # MPT clip_qkv: q, k and v clamped to [-clip_qkv, clip_qkv] right after their projection.
+    clip_qkv: float | None = None
     query_scale: float | None = None  # default head_dim ** -0.5
     # GPT-2 (scale_attn_by_inverse_layer_idx): layer i also divides its scores by i + 1.
     scale_by_inverse_layer: bool = False
@@ -75,6 +92,9 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     lm_head_bias: bool = False
     embedding_multiplier: float | None = None  # Gemma: sqrt(hidden_size)
+    # OPT word_embed_proj_dim != hidden_size: the width of the token embeddings and of the
+    # (tied) LM head; project_in / project_out (no bias) map it to and from hidden_size.
+    word_embed_size: int | None = None
     final_logit_softcap: float | None = None
 
     # Mixture of experts (Mixtral, DBRX): 0 experts = dense MLP.
@@ -83,6 +103,9 @@ class ModelSpec:
 
     # ALiBi slopes are multiplied by this (Falcon adds ALiBi before its 1/sqrt(d) scale).
     alibi_scale: float = 1.0
+    # ALiBi slopes 2^(-alibi_bias_max * k / n') (MPT's gen_slopes, see decoder.alibi_slopes_for);
+    # 8 gives the standard (Press et al.) slopes of BLOOM, Falcon and Baichuan for any head count.
+    alibi_bias_max: float = 8.0
 
     # Projection kind (linear.LINEAR_KINDS): "dense"; quantized kinds later.
     linear_kind: str = "dense"

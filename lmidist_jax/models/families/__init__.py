@@ -71,4 +71,7 @@ def map_checkpoint(spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray]]) -
     return family_of(spec.architecture).weight_map(spec).map(spec, tensors)
 
 
-from . import falcon, gemma, gpt2, gpt_neox, llama, phi, starcoder2  # noqa: E402,F401  (registrations)
+from . import (  # noqa: E402,F401  (registrations)
+    baichuan, bloom, chatglm, falcon, gemma, glm, gpt2, gpt_neox, gptj, internlm2, llama, mpt, opt, phi, qwen,
+    starcoder2,
+)
