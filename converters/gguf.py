@@ -482,29 +482,9 @@ def _dequantize(tensor) -> np.ndarray:
     return array.reshape(shape)
 
 
-def _expected_gemma3_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    h, i, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
-    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
-    if not config["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (config["vocab_size"], h)
-    for n in range(config["num_hidden_layers"]):
-        pre = f"model.layers.{n}."
-        shapes.update({
-            pre + "self_attn.q_proj.weight": (q, h), pre + "self_attn.k_proj.weight": (kv, h),
-            pre + "self_attn.v_proj.weight": (kv, h), pre + "self_attn.o_proj.weight": (h, q),
-            pre + "self_attn.q_norm.weight": (d,), pre + "self_attn.k_norm.weight": (d,),
-            pre + "mlp.gate_proj.weight": (i, h), pre + "mlp.up_proj.weight": (i, h),
-            pre + "mlp.down_proj.weight": (h, i),
-            pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
-            pre + "pre_feedforward_layernorm.weight": (h,), pre + "post_feedforward_layernorm.weight": (h,),
-        })
-    return shapes
-
-
 def _expected_shapes(config: dict, o_bias: bool) -> dict[str, tuple[int, ...]]:
-    if config["model_type"] == "gemma3_text":
-        return _expected_gemma3_shapes(config)
+    """Every HF tensor the converted Llama or Gemma 3 directory must hold, with its shape."""
+    gemma3 = config["model_type"] == "gemma3_text"
     h, i = config["hidden_size"], config["intermediate_size"]
     d = config["head_dim"]
     q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
@@ -520,6 +500,10 @@ def _expected_shapes(config: dict, o_bias: bool) -> dict[str, tuple[int, ...]]:
             pre + "mlp.down_proj.weight": (h, i),
             pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
         })
+        if gemma3:  # q/k norms and the sandwich norms around the MLP
+            shapes.update({pre + "self_attn.q_norm.weight": (d,), pre + "self_attn.k_norm.weight": (d,),
+                           pre + "pre_feedforward_layernorm.weight": (h,),
+                           pre + "post_feedforward_layernorm.weight": (h,)})
         if config.get("attention_bias"):
             shapes.update({pre + "self_attn.q_proj.bias": (q,), pre + "self_attn.k_proj.bias": (kv,),
                            pre + "self_attn.v_proj.bias": (kv,)})

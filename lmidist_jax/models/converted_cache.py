@@ -29,12 +29,9 @@ def load_converted(spec, directory, *, dtype, mesh, max_model_len=None) -> loade
         graphdef, state = loader.abstract_model(target_spec, dtype, max_model_len, mesh)
         params = loader.variables(state)
 
-        def target(var):
-            sharding = parallel.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
-            return jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
-
-        flat = orbax_cache.restore_tree(directory, orbax_cache.nest_tree(
-            {path: target(var) for path, var in params.items()}))
+        abstract = {path: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=loader.param_sharding(var, mesh))
+                    for path, var in params.items()}
+        flat = orbax_cache.restore_tree(directory, orbax_cache.nest_tree(abstract))
         for path, var in params.items():
             var.set_value(flat[path])
         return loader.LoadedModel(target_spec, graphdef, state, dtype, mesh, source_spec=spec)

@@ -67,7 +67,8 @@ def spec_for_mesh(spec: ModelSpec, tp: int) -> ModelSpec:
     return dataclasses.replace(spec, num_kv_heads=tp)
 
 
-def _sharding(var, mesh: Mesh) -> NamedSharding:
+def param_sharding(var, mesh: Mesh) -> NamedSharding:
+    """Where a parameter lives on the mesh (its logical axes through the sharding rules)."""
     return parallel.named_sharding(var.get_metadata()["logical_axes"], var.shape, mesh)
 
 
@@ -136,7 +137,7 @@ def _assemble(var, parts: dict, mesh: Mesh) -> jax.Array:
     placed = {slot: _place_part(a, _part_sharding(var, a.shape[-1], mesh)) for slot, a in parts.items()}
     transposed = tuple(sorted(slot for slot, a in parts.items() if isinstance(a, Transposed)))
     return _assemble_on_devices(placed, var.get_metadata()["fused"], _lead(var), transposed,
-                                jnp.dtype(var.dtype), _sharding(var, mesh))
+                                jnp.dtype(var.dtype), param_sharding(var, mesh))
 
 
 def _path_name(path) -> str:
@@ -179,7 +180,7 @@ def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, object]], *, dtyp
         if tuple(value.shape) != tuple(var.shape):
             raise ValueError(f"checkpoint weight {_path_name(path)} has shape {tuple(value.shape)}, "
                              f"the model expects {tuple(var.shape)}")
-        var.set_value(_place(value, _sharding(var, mesh), var.dtype))
+        var.set_value(_place(value, param_sharding(var, mesh), var.dtype))
         filled.add(path)
     for path, parts in pending.items():
         missing = [s for s in params[path].get_metadata()["fused"].slots if s not in parts]
@@ -256,7 +257,7 @@ def random_model(spec: ModelSpec, *, dtype, mesh: Mesh, seed: int = 0,
     # has a handful, not one per weight.
     initializers = {}
     for i, (path, var) in enumerate(sorted(variables(state).items(), key=lambda kv: str(kv[0]))):
-        sharding = _sharding(var, mesh)
+        sharding = param_sharding(var, mesh)
         is_norm = path[-1] == "scale"
         cache_key = (tuple(var.shape), jnp.dtype(var.dtype).name, sharding.spec, is_norm)
         if cache_key not in initializers:
