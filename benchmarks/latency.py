@@ -92,7 +92,7 @@ def main():
     weight_bytes = model.num_parameter_bytes - (spec.vocab_size - 1) * spec.hidden_size * itemsize * (
         0 if spec.tie_word_embeddings else 1)
     mean_context = args.input_len + args.output_len / 2
-    kv_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * itemsize * mean_context
+    kv_bytes = 2 * spec.total_kv_heads * spec.head_dim * itemsize * mean_context
     # With tensor parallelism every device streams its share at the measured bandwidth.
     floor = (weight_bytes + kv_bytes) / (bandwidth * config.tensor_parallel_degree)
     result = {

@@ -2,6 +2,8 @@
 
 * ``write_baichuan``: a Baichuan (remote code) checkpoint written from a Llama model (the
   oracle) holding the same weights; a writer for ``tiny_models.make_model`` (5th element).
+* ``DeciLMForCausalLM`` + ``write_decilm``: DeciLM-7B's variable GQA as transformers' Llama
+  layers, each built with its own layer's KV-head count.
 * ``MPTForCausalLM``: transformers' MPT made to compute what MosaicML's own modeling code
   (llm-foundry ``llmfoundry/models/layers/attention.py``, ``mpt/modeling_mpt.py``) computes
   for the config fields the port ignores.
@@ -10,6 +12,9 @@ Facts (public remote modeling files, read, not run):
   Baichuan  modeling_baichuan.py: ``W_pack = nn.Linear(hidden, 3 * hidden, bias=False)``, its output
             ``unflatten(-1, (3, hidden_size))`` => rows [q | k | v]; RMSNorm, ``down(act(gate(x)) * up(x))``;
             Baichuan2's ``NormHead.forward`` (eval): ``self.weight.data = F.normalize(self.weight)`` once.
+  DeciLM    configuration_decilm.py: ``DeciLMConfig(LlamaConfig)`` + ``num_key_value_heads_per_layer``,
+            model_type "deci"; modeling_decilm.py: ``DeciLMAttention`` is Llama's attention with
+            ``num_key_value_heads = config.num_key_value_heads_per_layer[layer_idx]``; names are Llama's.
   MPT       ``gen_slopes(n_heads, alibi_bias_max)`` with the config's ``alibi_bias_max`` (transformers:
             ``build_mpt_alibi_tensor(num_heads, max_seq_len)``, always 8); ``ffn`` width
             ``expansion_ratio * d_model`` (transformers: ``4 * hidden_size``); ``qk_ln``: after
@@ -19,6 +24,7 @@ Facts (public remote modeling files, read, not run):
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -26,6 +32,7 @@ import os
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
 
@@ -91,3 +98,31 @@ def _clip_then_qk_ln(attn, clip, module, args, out):
         out = out.clamp(min=-clip, max=clip)
     q, k, v = out.chunk(3, dim=-1)
     return torch.cat([attn.q_ln(q), attn.k_ln(k), v], dim=-1)
+
+
+class DeciLMForCausalLM(transformers.LlamaForCausalLM):
+    """Llama whose layer i has ``config.num_key_value_heads_per_layer[i]`` KV heads (what
+    DeciLM's remote ``DeciLMAttention`` does); built from transformers' own Llama layers."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        for i, kv_heads in enumerate(config.num_key_value_heads_per_layer):
+            layer_config = copy.deepcopy(config)
+            layer_config.num_key_value_heads = kv_heads
+            self.model.layers[i] = LlamaDecoderLayer(layer_config, i)
+        self.post_init()
+
+
+def write_decilm(model, directory):
+    """config.json as DeciLM-7B's: remote architecture and model_type, the per-layer list;
+    the tensors keep Llama's names (as DeciLM's)."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(architectures=["DeciLMForCausalLM"], model_type="deci",
+                  auto_map={"AutoConfig": "configuration_decilm.DeciLMConfig",
+                            "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"},
+                  num_key_value_heads=max(model.config.num_key_value_heads_per_layer),
+                  num_key_value_heads_per_layer=list(model.config.num_key_value_heads_per_layer))
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)

@@ -69,11 +69,13 @@ def test_two_processes_match_one(tmp_path):
     assert leader["tokens"] == single["1"]["tokens"]
 
 
-def test_orbax_round_trip_onto_other_meshes(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "decilm"])
+def test_orbax_round_trip_onto_other_meshes(tmp_path, family):
     """Parameters converted on TP=2 and saved with orbax restore identically on TP=4
-    (KV heads replicated) and TP=1."""
+    (KV heads replicated) and TP=1. DeciLM's layers have 4, 1 and 2 KV heads: each layer
+    is replicated (TP 2: 4, 2, 2; TP 4: 4, 4, 4) and folded back on its own."""
     model = tmp_path / "model"
-    make_model(model, "llama", num_attention_heads=8, num_key_value_heads=2)
+    make_model(model, family, **({"num_attention_heads": 8, "num_key_value_heads": 2} if family == "llama" else {}))
     report = report_of(run_worker(["orbax", str(model), str(tmp_path / "converted")], devices=8))
     for tp in (4, 1):
         assert report[f"tp{tp}_identical"], tp

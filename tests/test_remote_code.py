@@ -1,5 +1,5 @@
 """Remote-code checkpoints (config.json ``auto_map`` + Python files in the model directory):
-the engine maps the families it knows (Qwen v1, InternLM2, ChatGLM2/3) from config.json and
+the engine maps the families it knows (Qwen v1, InternLM2, ChatGLM2/3, Baichuan, DeciLM) from config.json and
 the tensors, refuses the others with the list of what it supports, and never imports or runs
 a Python file of the model directory."""
 
@@ -52,8 +52,9 @@ def test_mapped_remote_code_family_runs_without_its_python_files(tmp_path):
     marker = tmp_path / "executed"
     plant_remote_code(model_dir, ["configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py",
                                   "tokenization_qwen.py"], marker)
-    # Its tokenizer is remote code too (Qwen v1 ships only QWenTokenizer): never run, so
-    # the model takes token ids and says so for text.
+    # Its tokenizer is remote code too (QWenTokenizer): never run. It is rebuilt from
+    # qwen.tiktoken (tests/test_remote_tokenizers.py); without that file the model takes
+    # token ids and says so for text.
     (model_dir / "tokenizer_config.json").write_text(json.dumps(
         {"auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
          "tokenizer_class": "QWenTokenizer"}))
@@ -92,6 +93,22 @@ def test_chatglm_spec():
     assert spec.rope_theta == 500000.0 and spec.max_model_len == 512 and spec.qkv_bias and not spec.o_bias
 
 
+DECILM = {"architectures": ["DeciLMForCausalLM"], "model_type": "deci", "hidden_size": 64,
+          "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2, "vocab_size": 128,
+          "intermediate_size": 128, "num_key_value_heads_per_layer": [4, 1]}
+
+
+def test_decilm_spec_keeps_each_layers_kv_heads():
+    from lmidist_jax.models.loader import spec_for_mesh
+
+    spec = spec_from_hf_config(DECILM)
+    assert spec.kv_heads_per_layer == (4, 1) and spec.num_kv_heads == 4 and spec.total_kv_heads == 5
+    # TP=2 replicates only the one-head layer; TP=4 both up to 4.
+    assert spec_for_mesh(spec, 2).kv_heads_per_layer == (4, 2)
+    assert spec_for_mesh(spec, 4).kv_heads_per_layer == (4, 4)
+    assert spec_from_hf_config({**DECILM, "num_key_value_heads_per_layer": None}).kv_heads_per_layer is None
+
+
 @pytest.mark.parametrize("config, phrase", [
     ({**CHATGLM, "apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm"),
     ({**CHATGLM, "pre_seq_len": 128}, "pre_seq_len"),
@@ -102,6 +119,9 @@ def test_chatglm_spec():
     ({"architectures": ["InternLM2ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
       "num_hidden_layers": 2, "vocab_size": 128, "intermediate_size": 128,
       "rope_scaling": {"type": "yarn", "factor": 2.0}}, "linear and dynamic"),
+    ({**DECILM, "block_configs": [{}, {}]}, "block_configs"),
+    ({**DECILM, "num_key_value_heads_per_layer": [4, 2, 1]}, "3 entries for 2 layers"),
+    ({**DECILM, "num_key_value_heads_per_layer": [4, 3]}, "must divide"),
 ])
 def test_remote_family_features_we_do_not_run_are_refused(config, phrase):
     with pytest.raises(UnsupportedModelError, match=phrase):

@@ -305,6 +305,10 @@ NEW_FAMILIES = {
     "baichuan2_normhead": (_T.LlamaConfig, _T.LlamaForCausalLM,
                            dict(_LLAMA_NAMES, num_key_value_heads=4, vocab_size=125696), None,
                            functools.partial(remote_oracles.write_baichuan, normhead=True)),
+    # DeciLM (remote, variable GQA): KV heads 4, 1, 2 over three layers (MHA, MQA, GQA).
+    "decilm": (_T.LlamaConfig, remote_oracles.DeciLMForCausalLM,
+               dict(_LLAMA_NAMES, num_hidden_layers=3, num_key_value_heads=4,
+                    num_key_value_heads_per_layer=[4, 1, 2]), None, remote_oracles.write_decilm),
 }
 del _T
 

@@ -27,9 +27,10 @@ class EngineConfigError(ValueError):
 
 def load_tokenizer(model_dir):
     """The model directory's tokenizer, or None when it has none we can load without
-    running its code: lmidist-jax never executes a checkpoint's Python (remote-code
-    tokenizers such as Qwen v1's, ChatGLM's, InternLM2's included); such a model then
-    takes prompts as token ids."""
+    running its code: lmidist-jax never executes a checkpoint's Python. The remote-code
+    tokenizers of Qwen v1, ChatGLM2/3, InternLM2 and Baichuan are rebuilt from their data
+    files (``converters.remote_tokenizers``); a model with another remote tokenizer takes
+    prompts as token ids."""
     import os
 
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -37,6 +38,15 @@ def load_tokenizer(model_dir):
         return None
     from transformers import AutoTokenizer
 
+    from converters.remote_tokenizers import RemoteTokenizerError, load_remote_tokenizer, remote_tokenizer_class
+
+    if remote_tokenizer_class(model_dir):
+        # Qwen v1 / ChatGLM / InternLM2 / Baichuan: rebuilt from their data files, code never run.
+        try:
+            return load_remote_tokenizer(model_dir)
+        except RemoteTokenizerError as e:
+            logger.warning("the tokenizer of %s cannot be rebuilt (%s): prompts must be token ids", model_dir, e)
+            return None
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except ValueError as e:

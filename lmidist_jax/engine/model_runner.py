@@ -209,11 +209,16 @@ class ModelRunner:
 
     def _allocate_kv_cache(self):
         spec = self.spec
-        shape = (spec.num_kv_heads, self.num_blocks, self.block_size, spec.head_dim)
-        sharding = NamedSharding(self.mesh, parallel.partition_spec(("kv_heads", None, None, None), shape, self.mesh))
+        # One shape per layer (DeciLM's layers differ in KV heads). Every layer's head
+        # count divides the TP degree (loader.spec_for_mesh), so one sharding fits all.
+        shapes = [(spec.layer_kv_heads(i), self.num_blocks, self.block_size, spec.head_dim)
+                  for i in range(spec.num_layers)]
+        sharding = NamedSharding(self.mesh, parallel.partition_spec(("kv_heads", None, None, None),
+                                                                    shapes[0], self.mesh))
         self.kv_sharding = sharding
-        zeros = jax.jit(lambda: jnp.zeros(shape, self.model.dtype), out_shardings=sharding)
-        caches = [(zeros(), zeros()) for _ in range(spec.num_layers)]
+        zeros = {shape: jax.jit(lambda shape=shape: jnp.zeros(shape, self.model.dtype), out_shardings=sharding)
+                 for shape in set(shapes)}
+        caches = [(zeros[shape](), zeros[shape]()) for shape in shapes]
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks,
                     self.block_size, (self.num_blocks - 1) * self.block_size,
                     kv_cache_bytes_per_block(spec, self.block_size, self.model.dtype) * self.num_blocks / 2**30)
@@ -374,4 +379,4 @@ class StepBatchBuilder:
 
 
 def kv_cache_bytes_per_block(spec, block_size: int, dtype) -> int:
-    return 2 * spec.num_layers * spec.num_kv_heads * block_size * spec.head_dim * jnp.dtype(dtype).itemsize
+    return 2 * spec.total_kv_heads * block_size * spec.head_dim * jnp.dtype(dtype).itemsize

@@ -25,7 +25,7 @@ def load_converted(spec, directory, *, dtype, mesh, max_model_len=None) -> loade
     """Restore onto ``mesh``: straight into place, each device reading its shard, unless
     the mesh needs replicated KV heads (then through the loader's part assembly)."""
     target_spec = loader.spec_for_mesh(spec, mesh.shape[parallel.TP_AXIS])
-    if target_spec.num_kv_heads == spec.num_kv_heads:
+    if target_spec == spec:  # no KV heads to replicate for this mesh
         graphdef, state = loader.abstract_model(target_spec, dtype, max_model_len, mesh)
         params = loader.variables(state)
 

@@ -25,11 +25,11 @@ from .spec import ModelSpec
 from .step_metadata import StepMetadata
 
 
-def qkv_linear_spec(spec: ModelSpec) -> LinearSpec:
-    """q, k and v as one matmul. The kernel is [embed, KVH, G + 2, D] (per KV head: its
-    G query heads, its key, its value), sharded over KV heads, so every device computes
-    whole groups with one local matmul, whatever the tensor-parallel degree."""
-    kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
+def qkv_linear_spec(spec: ModelSpec, layer: int) -> LinearSpec:
+    """q, k and v of ``layer`` as one matmul. The kernel is [embed, KVH, G + 2, D] (per KV
+    head: its G query heads, its key, its value), sharded over KV heads, so every device
+    computes whole groups with one local matmul, whatever the tensor-parallel degree."""
+    kv_heads, head_dim = spec.layer_kv_heads(layer), spec.head_dim
     group = spec.num_heads // kv_heads
     layout = FusedLayout(axis=1, parts=(("q", (kv_heads, group, head_dim)), ("k", (kv_heads, 1, head_dim)),
                                         ("v", (kv_heads, 1, head_dim))), replicable=("k", "v"))
@@ -44,7 +44,8 @@ class Attention(nnx.Module):
         self.sliding_window = spec.layer_window(layer)
         self.scale = spec.layer_scale(layer)
         self.rope = spec.layer_rope(layer) if spec.position_type == "rope" else None
-        self.qkv_proj = make_linear(qkv_linear_spec(spec))
+        self.num_kv_heads = spec.layer_kv_heads(layer)
+        self.qkv_proj = make_linear(qkv_linear_spec(spec, layer))
         self.o_proj = make_linear(LinearSpec("o", spec.q_size, (spec.hidden_size,), ("heads", "embed"),
                                              use_bias=spec.o_bias))
         if spec.qk_norm:
@@ -59,7 +60,7 @@ class Attention(nnx.Module):
     def __call__(self, x, kv_cache, md: StepMetadata, rotary: dict, alibi_slopes):
         spec = self.spec
         num_tokens = x.shape[0]
-        group = spec.num_heads // spec.num_kv_heads
+        group = spec.num_heads // self.num_kv_heads
         qkv = self.qkv_proj(x, md)  # [T, KVH, G + 2, D]
         if spec.clip_qkv is not None:
             qkv = jnp.clip(qkv, -spec.clip_qkv, spec.clip_qkv)

@@ -59,12 +59,22 @@ def spec_for_mesh(spec: ModelSpec, tp: int) -> ModelSpec:
     if spec.num_heads % tp:
         raise ValueError(f"tensor_parallel_degree={tp} does not divide the model's "
                          f"{spec.num_heads} attention heads")
-    if spec.num_kv_heads % tp == 0:
-        return spec
-    if tp % spec.num_kv_heads:
-        raise ValueError(f"tensor_parallel_degree={tp} neither divides nor is a multiple of the "
-                         f"model's {spec.num_kv_heads} KV heads")
-    return dataclasses.replace(spec, num_kv_heads=tp)
+
+    def fit(kv_heads: int) -> int:
+        if kv_heads % tp == 0:
+            return kv_heads
+        if tp % kv_heads:
+            raise ValueError(f"tensor_parallel_degree={tp} neither divides nor is a multiple of the "
+                             f"model's {kv_heads} KV heads")
+        return tp
+
+    if spec.kv_heads_per_layer is not None:  # DeciLM: each layer on its own
+        per_layer = tuple(fit(k) for k in spec.kv_heads_per_layer)
+        if per_layer == spec.kv_heads_per_layer:
+            return spec
+        return dataclasses.replace(spec, kv_heads_per_layer=per_layer, num_kv_heads=max(per_layer))
+    kv_heads = fit(spec.num_kv_heads)
+    return spec if kv_heads == spec.num_kv_heads else dataclasses.replace(spec, num_kv_heads=kv_heads)
 
 
 def param_sharding(var, mesh: Mesh) -> NamedSharding:
@@ -213,14 +223,19 @@ def to_source_layout(model: LoadedModel) -> dict:
     """The parameters as a nested dict of host arrays in the checkpoint's own head layout
     (KV heads replicated for the mesh are folded back), for saving."""
     pure = nnx.to_pure_dict(model.state)
-    r = model.spec.num_kv_heads // model.source_spec.num_kv_heads
-    if r == 1:
+    if model.spec == model.source_spec:
         return pure
     _, source_state = abstract_model(model.source_spec, model.dtype)
     source_vars = variables(source_state)
     for path, var in variables(model.state).items():
         layout = var.get_metadata().get("fused")
         if layout is None or not layout.replicable:
+            continue
+        # How many times this parameter's KV heads were replicated (per layer: DeciLM).
+        source_layout = source_vars[path].get_metadata()["fused"]
+        slot = layout.replicable[0]
+        r = int(np.prod(dict(layout.parts)[slot])) // int(np.prod(dict(source_layout.parts)[slot]))
+        if r == 1:
             continue
         lead = _lead(var)
         parts = split_fused(np.asarray(var[...]), layout, lead, repeats=r, xp=np)

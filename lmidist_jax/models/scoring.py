@@ -24,8 +24,8 @@ def prompt_logits(model: LoadedModel, token_ids, block_size: int = 16) -> np.nda
     builder = StepMetadataBuilder(length, 1, num_blocks, block_size)
     builder.add_sequence(0, np.arange(1, num_blocks + 1), 0, length)
     md = builder.build()
-    shape = (spec.num_kv_heads, num_blocks + 1, block_size, spec.head_dim)
-    kv = [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for _ in range(spec.num_layers)]
+    shapes = [(spec.layer_kv_heads(i), num_blocks + 1, block_size, spec.head_dim) for i in range(spec.num_layers)]
+    kv = [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for shape in shapes]
 
     @jax.jit
     def run(state, kv, ids, md):

@@ -71,6 +71,9 @@ class ModelSpec:
     # Per layer "full" or "sliding" (Gemma 2/3 alternation); None: every layer uses
     # sliding_window (which may be None).
     layer_types: tuple[str, ...] | None = None
+    # DeciLM (variable GQA): the KV-head count of each layer; None: num_kv_heads everywhere.
+    # num_kv_heads is then the largest of them. Each layer's KV cache has its own head count.
+    kv_heads_per_layer: tuple[int, ...] | None = None
     attn_logit_softcap: float | None = None
     # MPT clip_qkv: q, k and v clamped to [-clip_qkv, clip_qkv] right after their projection.
     clip_qkv: float | None = None
@@ -124,6 +127,15 @@ class ModelSpec:
     @property
     def scale(self) -> float:
         return self.query_scale if self.query_scale is not None else self.head_dim ** -0.5
+
+    def layer_kv_heads(self, layer: int) -> int:
+        """The number of KV heads of ``layer`` (its KV cache's first dimension)."""
+        return self.num_kv_heads if self.kv_heads_per_layer is None else self.kv_heads_per_layer[layer]
+
+    @property
+    def total_kv_heads(self) -> int:
+        """KV heads summed over the layers (what one cached token costs, per head_dim)."""
+        return sum(self.layer_kv_heads(i) for i in range(self.num_layers))
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of ``layer`` (None: full attention)."""

@@ -72,6 +72,6 @@ def map_checkpoint(spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray]]) -
 
 
 from . import (  # noqa: E402,F401  (registrations)
-    baichuan, bloom, chatglm, falcon, gemma, glm, gpt2, gpt_neox, gptj, internlm2, llama, mpt, opt, phi, qwen,
+    baichuan, bloom, chatglm, decilm, falcon, gemma, glm, gpt2, gpt_neox, gptj, internlm2, llama, mpt, opt, phi, qwen,
     starcoder2,
 )
