@@ -87,13 +87,12 @@ def _token_text(token) -> str:
     return token["content"] if isinstance(token, dict) else token
 
 
-def _fast(backend, config: dict, **kwargs):
+def _fast(backend, config: dict, *, default_chat_template: str | None = None, **kwargs):
+    """The transformers tokenizer around ``backend``; the checkpoint's own chat template
+    (tokenizer_config.json) wins over the family's default."""
     from transformers import PreTrainedTokenizerFast
 
-    template = config.get("chat_template") or kwargs.pop("chat_template", None)
-    kwargs.pop("chat_template", None)
-    if template:
-        kwargs["chat_template"] = template
+    kwargs["chat_template"] = config.get("chat_template") or default_chat_template
     kwargs.setdefault("clean_up_tokenization_spaces", False)
     max_len = config.get("model_max_length")
     if isinstance(max_len, int):
@@ -163,7 +162,7 @@ def build_qwen(model_dir: str, config: dict):
     backend = tiktoken_backend(ranks, QWEN_PATTERN, special)
     # tokenization_qwen.py: eos/pad are <|endoftext|>; no bos; chat (qwen_generation_utils) is ChatML.
     return _fast(backend, config, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                 chat_template=CHATML_TEMPLATE)
+                 default_chat_template=CHATML_TEMPLATE)
 
 
 # ---------------------------------------------------------------------------------------------
