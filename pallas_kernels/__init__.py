@@ -4,10 +4,12 @@
   paged_attention(q, k_pages, v_pages, block_tables, token_seq_ids, positions, *, scale, ...)
   write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping)
   select_backend(platform, requested="auto") -> "xla" | "triton" | "mosaic_gpu"
+  grouped_matmul.grouped_matmul(lhs, rhs, group_sizes, *, impl)   mixture-of-experts grouped GEMM
 """
 
 from __future__ import annotations
 
+from pallas_kernels.grouped_matmul import GROUPED_MATMUL_IMPLS, grouped_matmul_reference
 from pallas_kernels.paged_decode import paged_decode_attention
 from pallas_kernels.paged_prefill import paged_attention
 from pallas_kernels.reference import (
@@ -25,6 +27,8 @@ BEST_GPU_BACKEND = "triton"
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "GROUPED_MATMUL_IMPLS",
+    "grouped_matmul_reference",
     "paged_attention",
     "paged_attention_reference",
     "paged_decode_attention",

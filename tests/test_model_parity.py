@@ -22,7 +22,8 @@ VARIANTS = sorted(set(ALL_FAMILIES) - set(UNSUPPORTED))
 TP2_VARIANTS = ["llama3", "qwen2", "internlm", "gemma2", "gemma3_1b", "gpt2", "starcoder_mqa", "starcoder2",
                 "neox", "phi_qkln", "phi3_window", "falcon7b_mqa", "falcon40b_newarch", "falcon_rw_alibi",
                 "gptj", "glm_mqa_tied", "qwen_partial_tied", "internlm2_mqa_linear", "chatglm", "opt_350m",
-                "bloom_6h", "mpt_remote_qkln", "baichuan2_normhead", "decilm"]
+                "bloom_6h", "mpt_remote_qkln", "baichuan2_normhead", "decilm",
+                "mixtral_8x", "dbrx", "qwen2_moe"]
 ENGINE = dict(dtype="fp32", max_model_len=256, num_kv_blocks=128, max_rolling_batch_size=4,
               max_rolling_batch_prefill_tokens=64, warmup=False, progress=False)
 

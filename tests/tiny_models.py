@@ -310,6 +310,38 @@ NEW_FAMILIES = {
                dict(_LLAMA_NAMES, num_hidden_layers=3, num_key_value_heads=4,
                     num_key_value_heads_per_layer=[4, 1, 2]), None, remote_oracles.write_decilm),
 }
+
+# Mixtures of experts (models/moe.py). Expert MLPs of 48, top-2, sliding window 8 < the test prompt.
+_MOE_ROPE = {"rope_type": "default", "rope_theta": 5000.0}
+MOE_FAMILIES = {
+    # Mixtral: softmax over the experts, top-2, renormalized; per-expert w1/w3/w2 on disk.
+    "mixtral_4x": (_T.MixtralConfig, _T.MixtralForCausalLM,
+                   dict(_LLAMA_NAMES, intermediate_size=48, num_key_value_heads=2, num_local_experts=4,
+                        num_experts_per_tok=2, sliding_window=8), None),
+    "mixtral_8x": (_T.MixtralConfig, _T.MixtralForCausalLM,
+                   dict(_LLAMA_NAMES, intermediate_size=48, num_key_value_heads=2, num_local_experts=8,
+                        num_experts_per_tok=2, sliding_window=8), None),
+    # DBRX: experts fused over experts (w1/v1/w2 [E * ffn, d]), 1-norm of the top-k weights,
+    # clip_qkv, GQA 4/2, LayerNorm without bias. rope_theta in attn_config (DBRX's own
+    # code reads it) and in rope_parameters (transformers 5.17 reads that one) alike.
+    "dbrx": (_T.DbrxConfig, _T.DbrxForCausalLM,
+             dict(_TOKENS, d_model=64, n_heads=4, n_layers=2, max_seq_len=512, rope_parameters=_MOE_ROPE,
+                  attn_config=dict(kv_n_heads=2, clip_qkv=0.5, rope_theta=5000.0),
+                  ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4, moe_top_k=2)), None),
+    # top-3 of 8, weights divided by their 2-norm, MQA, clip_qkv 8 (the released models'; it
+    # rarely bites. transformers 5.17 fails on clip_qkv None: clamp(None, None)).
+    "dbrx_norm2": (_T.DbrxConfig, _T.DbrxForCausalLM,
+                   dict(_TOKENS, d_model=64, n_heads=4, n_layers=2, max_seq_len=512, rope_parameters=_MOE_ROPE,
+                        attn_config=dict(kv_n_heads=1, clip_qkv=8.0, rope_theta=5000.0),
+                        ffn_config=dict(ffn_hidden_size=48, moe_num_experts=8, moe_top_k=3,
+                                        moe_normalize_expert_weights=2.0)), None),
+    # Qwen2-MoE: top-2 of 4 without renormalization, a shared expert (48) with a sigmoid gate,
+    # q/k/v biases.
+    "qwen2_moe": (_T.Qwen2MoeConfig, _T.Qwen2MoeForCausalLM,
+                  dict(_LLAMA_NAMES, num_key_value_heads=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2), None),
+}
+NEW_FAMILIES.update(MOE_FAMILIES)
 del _T
 
 ALL_FAMILIES = {**FAMILIES, **NEW_FAMILIES}

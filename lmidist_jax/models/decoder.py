@@ -94,7 +94,7 @@ class DecoderLayer(nnx.Module):
         self.pre_mlp_norm = None if shared else Norm.of(spec, dtype=dtype)
         self.attn_out_norm = Norm.of(spec, dtype=dtype) if spec.sandwich_norms else None
         self.mlp_out_norm = Norm.of(spec, dtype=dtype) if spec.sandwich_norms else None
-        self.mlp = make_mlp(spec, make_linear, dtype)
+        self.mlp = make_mlp(spec, make_linear, dtype, mesh)
 
     def _mlp(self, h, md):
         out = self.mlp(h, md)

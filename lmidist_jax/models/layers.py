@@ -86,7 +86,7 @@ class GatedMLP(nnx.Module):
     """``act(x W_gate) * (x W_up)`` then ``W_down``; gate and up are one fused matmul
     with kernel [embed, 2, mlp] (sharded over mlp, so the fusion is shard-local)."""
 
-    def __init__(self, spec, make_linear, *, dtype=None):
+    def __init__(self, spec, make_linear, *, dtype=None, mesh=None):
         e, inner = spec.hidden_size, spec.intermediate_size
         self.act = activation_fn(spec.activation)
         self.gate_up_proj = make_linear(LinearSpec(
@@ -102,7 +102,7 @@ class GatedMLP(nnx.Module):
 class PlainMLP(nnx.Module):
     """``act(x W_up) W_down`` (GPT-2, NeoX, Falcon, Phi, StarCoder)."""
 
-    def __init__(self, spec, make_linear, *, dtype=None):
+    def __init__(self, spec, make_linear, *, dtype=None, mesh=None):
         e, inner = spec.hidden_size, spec.intermediate_size
         self.act = activation_fn(spec.activation)
         self.up_proj = make_linear(LinearSpec("up", e, (inner,), ("embed", "mlp"), use_bias=spec.mlp_bias))
@@ -112,13 +112,16 @@ class PlainMLP(nnx.Module):
         return self.down_proj(self.act(self.up_proj(x, md)), md)
 
 
-# spec.mlp_type -> MLP module; a mixture of experts registers here as one more kind.
-MLP_KINDS = {"gated": GatedMLP, "plain": PlainMLP}
+from .moe import MoEMLP  # noqa: E402  (it builds Qwen2-MoE's shared expert from GatedMLP)
+
+# spec.mlp_type -> MLP module. Each takes (spec, make_linear, dtype=, mesh=); the dense
+# kinds leave sharding to XLA, the mixture of experts runs its experts per shard.
+MLP_KINDS = {"gated": GatedMLP, "plain": PlainMLP, "moe": MoEMLP}
 
 
-def make_mlp(spec, make_linear, dtype):
+def make_mlp(spec, make_linear, dtype, mesh=None):
     try:
         cls = MLP_KINDS[spec.mlp_type]
     except KeyError:
         raise ValueError(f"unknown MLP type {spec.mlp_type!r}; available: {', '.join(sorted(MLP_KINDS))}") from None
-    return cls(spec, make_linear, dtype=dtype)
+    return cls(spec, make_linear, dtype=dtype, mesh=mesh)

@@ -17,7 +17,7 @@ from .. import parallel
 from .decoder import DecoderModel
 from .linear import FusedLayout, assemble_fused, split_fused
 from .spec import ModelSpec
-from .weight_map import Part, Transposed
+from .weight_map import Expert, Part, Transposed
 
 
 @dataclasses.dataclass
@@ -163,7 +163,7 @@ def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, object]], *, dtyp
     spec = spec_for_mesh(spec, mesh.shape[parallel.TP_AXIS])
     graphdef, state = abstract_model(spec, dtype, max_model_len, mesh)
     params = variables(state)
-    filled, pending = set(), {}
+    filled, pending, experts_placed = set(), {}, {}
     for path, value in tensors:
         if spec.tie_word_embeddings and path[0] == "lm_head":
             continue  # tied: the embedding serves as the LM head
@@ -172,6 +172,11 @@ def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, object]], *, dtyp
             raise ValueError(f"checkpoint weight for {_path_name(path)} has no place in the model")
         if path in filled:
             raise ValueError(f"the checkpoint holds {_path_name(path)} twice")
+        if isinstance(value, Expert):  # one expert's slice of a parameter stacked over experts
+            if _add_expert(var, path, value, experts_placed.setdefault(path, {}), mesh):
+                del experts_placed[path]
+                filled.add(path)
+            continue
         layout = var.get_metadata().get("fused")
         if isinstance(value, Part) or layout is not None:
             if layout is None or not isinstance(value, Part):
@@ -192,6 +197,11 @@ def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, object]], *, dtyp
                              f"the model expects {tuple(var.shape)}")
         var.set_value(_place(value, param_sharding(var, mesh), var.dtype))
         filled.add(path)
+    for path, placed in experts_placed.items():
+        num_experts = params[path].get_metadata()["experts"]
+        missing = [str(i) for i in range(num_experts) if not isinstance(placed.get(i), jax.Array)]
+        raise ValueError(f"checkpoint is missing expert(s) {', '.join(missing)} (or parts of them) of "
+                         f"{_path_name(path)}")
     for path, parts in pending.items():
         missing = [s for s in params[path].get_metadata()["fused"].slots if s not in parts]
         raise ValueError(f"checkpoint is missing the {', '.join(missing)} part(s) of {_path_name(path)}")
@@ -200,6 +210,67 @@ def load_model(spec: ModelSpec, tensors: Iterable[tuple[tuple, object]], *, dtyp
         shown = ", ".join(_path_name(p) for p in missing[:8])
         raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {shown}")
     return LoadedModel(spec, graphdef, state, dtype, mesh, source_spec=original)
+
+
+class _ExpertSlice:
+    """One expert's slice of a parameter stacked over experts ([E, ...], metadata
+    ``experts`` = E), seen by the placement helpers as a parameter of its own: its shape,
+    dtype, logical axes, and its fused layout (metadata ``expert_layout``), if any."""
+
+    def __init__(self, var):
+        self.shape = tuple(var.shape[1:])
+        self.ndim = len(self.shape)
+        self.dtype = var.dtype
+        metadata = var.get_metadata()
+        self._metadata = {"logical_axes": tuple(metadata["logical_axes"][1:]),
+                          "fused": metadata.get("expert_layout")}
+
+    def get_metadata(self) -> dict:
+        return self._metadata
+
+
+def _add_expert(var, path, value: Expert, placed: dict, mesh: Mesh) -> bool:
+    """Place one expert's slice (a fused slice once all its parts are in) on the mesh,
+    sharded like the stacked parameter, so each device receives only its shard; once
+    every expert is placed, stack them on the devices. True when ``var`` is filled."""
+    name = _path_name(path)
+    num_experts = var.get_metadata().get("experts")
+    if not num_experts:
+        raise ValueError(f"checkpoint weight {name} is not stacked over experts here")
+    if not 0 <= value.index < num_experts:
+        raise ValueError(f"checkpoint weight {name} names expert {value.index}; the model has {num_experts}")
+    if isinstance(placed.get(value.index), jax.Array):
+        raise ValueError(f"the checkpoint holds expert {value.index} of {name} twice")
+    view = _ExpertSlice(var)
+    layout = view.get_metadata()["fused"]
+    if layout is not None:
+        if not isinstance(value.value, Part) or value.value.slot not in layout.slots:
+            raise ValueError(f"expert {value.index} of {name} is made of the parts {', '.join(layout.slots)}; "
+                             f"got {getattr(value.value, 'slot', 'a whole tensor')!r}")
+        parts = placed.setdefault(value.index, {})
+        if value.value.slot in parts:
+            raise ValueError(f"the checkpoint holds part {value.value.slot!r} of expert {value.index} of {name} twice")
+        parts[value.value.slot] = value.value.array
+        if len(parts) < len(layout.slots):
+            return False
+        _check_parts(view, parts, path)
+        placed[value.index] = _assemble(view, parts, mesh)
+    else:
+        if isinstance(value.value, Part):
+            raise ValueError(f"expert {value.index} of {name} is not made of named parts here")
+        if tuple(value.shape) != view.shape:
+            raise ValueError(f"expert {value.index} of {name} has shape {tuple(value.shape)}, the model "
+                             f"expects {view.shape}")
+        placed[value.index] = _place(value.value, param_sharding(view, mesh), var.dtype)
+    if len(placed) < num_experts or not all(isinstance(a, jax.Array) for a in placed.values()):
+        return False
+    var.set_value(_stack_experts(tuple(placed[i] for i in range(num_experts)), param_sharding(var, mesh)))
+    return True
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _stack_experts(slices, sharding):
+    return jax.lax.with_sharding_constraint(jnp.stack(slices), sharding)
 
 
 def _check_parts(var, parts, path) -> None:

@@ -100,9 +100,21 @@ class ModelSpec:
     word_embed_size: int | None = None
     final_logit_softcap: float | None = None
 
-    # Mixture of experts (Mixtral, DBRX): 0 experts = dense MLP.
+    # Mixture of experts (mlp_type "moe": Mixtral, DBRX, Qwen2-MoE): num_experts gated
+    # experts of intermediate_size each; a softmax router picks num_experts_per_token per
+    # token (models/moe.py). 0 experts = dense MLP.
     num_experts: int = 0
     num_experts_per_token: int = 0
+    # The chosen top-k weights are divided by their p-norm with this p: 1 renormalizes
+    # them to sum 1 (Mixtral; Qwen2-MoE norm_topk_prob; DBRX moe_normalize_expert_weights);
+    # None keeps them as the softmax probabilities.
+    moe_weight_norm: float | None = 1.0
+    # Qwen2-MoE: a shared gated expert of this size on every token, scaled by
+    # sigmoid(x . shared_expert_gate). 0: none.
+    shared_expert_size: int = 0
+    # How the experts run (pallas_kernels.grouped_matmul.MOE_IMPLS): "auto" picks dense
+    # over experts on CPU and the measured-fastest grouped matmul per shape on a GPU.
+    moe_impl: str = "auto"
 
     # ALiBi slopes are multiplied by this (Falcon adds ALiBi before its 1/sqrt(d) scale).
     alibi_scale: float = 1.0

@@ -12,6 +12,9 @@ it needs on the way:
                                                  a fused checkpoint q/k/v tensor
   split_parts("layers.{i}.mlp.gate_up_proj", ("gate", "up"), ...)
                                                  a fused [gate | up] tensor
+  expert("layers.{i}.mlp.w_down")               expert {j}'s slice of a parameter
+                                                 stacked over experts
+  stacked_experts("layers.{i}.mlp.w_down", ...)  a tensor holding every expert
 
 ``weight="linear"`` ([out, in], the default), ``"conv1d"`` (GPT-2's Conv1D, [in, out])
 or ``"bias"`` ([out]) says how the checkpoint stores it; ``.kernel`` or ``.bias`` is
@@ -52,8 +55,23 @@ class Part:
     array: "np.ndarray | Transposed"
 
 
+@dataclasses.dataclass(frozen=True)
+class Expert:
+    """Expert ``index``'s slice of a parameter stacked over experts ([E, ...]): its value
+    in our layout (an array, a ``Transposed`` one, or a ``Part`` of its fused slice). The
+    loader places each expert's slice on the mesh as it arrives and stacks them on the
+    devices once all are there."""
+
+    index: int
+    value: "np.ndarray | Transposed | Part"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.array.shape if isinstance(self.value, Part) else self.value.shape)
+
+
 Path = tuple
-Emitted = Iterable[tuple[Path, "np.ndarray | Transposed | Part"]]
+Emitted = Iterable[tuple[Path, "np.ndarray | Transposed | Part | Expert"]]
 Target = Callable[[np.ndarray, ModelSpec, dict], Emitted]
 
 WEIGHT_KINDS = ("linear", "conv1d", "bias")
@@ -154,6 +172,59 @@ def split_parts(module: str, slots: tuple[str, ...], *, weight: str = "linear") 
     return emit
 
 
+# Mixture-of-experts targets: checkpoint names use ``{j}`` for the expert index.
+
+def expert(param: str, slot: str | None = None, *, weight: str = "linear") -> Target:
+    """One expert's tensor (expert ``{j}`` of the pattern) -> its slice of the stacked
+    parameter ``param`` (part ``slot`` of the slice's fused layout, or all of it).
+    ``weight``: "linear" ([out, in], transposed to ours) or "kernel" (already [in, out])."""
+    if weight not in ("linear", "kernel"):
+        raise ValueError(f"unknown expert weight kind {weight!r}; expected 'linear' or 'kernel'")
+
+    def emit(array, spec, groups):
+        value = Transposed(array) if weight == "linear" else array
+        return [(parse_path(param, groups), Expert(int(groups["j"]), value if slot is None else Part(slot, value)))]
+    return emit
+
+
+def stacked_experts(param: str, slots: tuple[str, ...] | None = None, *, weight: str = "linear",
+                    layout: str = "expert_major") -> Target:
+    """A tensor holding every expert -> each expert's slice of ``param``.
+
+    layout "expert_major": [E, out, in] (linear) or [E, in, out] (kernel), e.g.
+                           transformers 5's ``experts.gate_up_proj`` [E, 2 * I, H]
+           "rows":         [E * rows, cols], expert m in rows m * rows .. (DBRX's
+                           ``experts.mlp.w1`` / ``v1`` / ``w2``, each [E * I, H])
+    ``slots``: the expert's tensor is these parts concatenated along its output (gate | up).
+    """
+    if weight not in ("linear", "kernel"):
+        raise ValueError(f"unknown expert weight kind {weight!r}; expected 'linear' or 'kernel'")
+    if layout not in ("expert_major", "rows"):
+        raise ValueError(f"unknown stacked-experts layout {layout!r}; expected 'expert_major' or 'rows'")
+
+    def emit(array, spec, groups):
+        num_experts = spec.num_experts
+        if layout == "rows":
+            if array.ndim != 2 or array.shape[0] % num_experts:
+                raise ValueError(f"stacked expert tensor for {param} has shape {array.shape}; expected "
+                                 f"[{num_experts} x rows, cols]")
+            array = array.reshape(num_experts, array.shape[0] // num_experts, array.shape[1])
+        if array.shape[0] != num_experts:
+            raise ValueError(f"stacked expert tensor for {param} has {array.shape[0]} experts; the model has "
+                             f"{num_experts}")
+        path = parse_path(param, groups)
+        out = []
+        for index in range(num_experts):
+            one = array[index]
+            pieces = [(None, one)] if slots is None else list(
+                zip(slots, np.split(one, len(slots), axis=0 if weight == "linear" else 1)))
+            for slot, piece in pieces:
+                value = Transposed(piece) if weight == "linear" else piece
+                out.append((path, Expert(index, value if slot is None else Part(slot, value))))
+        return out
+    return emit
+
+
 # Table shorthands: a checkpoint module's weight and (optional) bias in one entry each.
 
 def linear(source: str, module: str) -> dict[str, Target]:
@@ -173,7 +244,8 @@ def fused_qkv(source: str, module: str, layout: str, *, weight: str = "linear") 
 
 
 def _pattern(name: str) -> re.Pattern:
-    return re.compile(re.escape(name).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+    """A table name -> its regular expression: ``{i}`` the layer, ``{j}`` the expert."""
+    return re.compile(re.escape(name).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)") + "$")
 
 
 class WeightMap:

@@ -75,3 +75,4 @@ from . import (  # noqa: E402,F401  (registrations)
     baichuan, bloom, chatglm, decilm, falcon, gemma, glm, gpt2, gpt_neox, gptj, internlm2, llama, mpt, opt, phi, qwen,
     starcoder2,
 )
+from . import dbrx, mixtral  # noqa: E402,F401  (mixture-of-experts registrations)
