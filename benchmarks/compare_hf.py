@@ -117,7 +117,7 @@ def main():
                              max_model_len=config.max_model_len)
         llm = LLM.from_engine(engine_for_model(model, None, config, max_model_len=config.max_model_len))
     else:
-        llm = LLM(source, **options)
+        llm = LLM(source, warmup=True, **options)  # every bucket compiled before the timed run
     params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_new_tokens=4, ignore_eos=True), use_tqdm=False)
     t = time.perf_counter()

@@ -1,5 +1,11 @@
 """lmidist-jax: a JAX + Pallas re-creation of the lmi-dist rolling-batch LLM engine."""
 
+import os as _os
+
+# transformers is used for tokenizers and configs only; without torch it greets every
+# run with "PyTorch was not found. Models won't be available ..." (an advisory warning).
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 from .outputs import CompletionOutput, RequestOutput, TokenLogprob
 from .sampling_params import RequestError, SamplingParams
 

@@ -43,11 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--option", action="append", type=_parse_option, default=[], metavar="NAME=VALUE")
     serve.add_argument("--save-converted", default=None, metavar="DIR")
+    serve.add_argument("--drain-seconds", type=float, default=None, metavar="S",
+                       help="on SIGTERM/SIGINT, let requests in flight finish for up to S seconds "
+                            "(option drain_seconds; default 20)")
+    serve.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every route but /ping "
+                            "(default: $LMIDIST_JAX_API_KEY; none: no check)")
+    serve.add_argument("--threads", type=int, default=64,
+                       help="HTTP worker threads; each open request holds one (default 64)")
+    serve.add_argument("--connection-limit", type=int, default=512,
+                       help="most open connections; more wait in the listen backlog (default 512)")
+    serve.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
+                       help="drop a connection whose request (headers + body) has not arrived S seconds "
+                            "after its first byte (default 30)")
+    serve.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                       help="close keep-alive connections idle for S seconds (default 60)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        _exit_now(_serve_main(args))
     try:
         return _run(args)
     except (ValueError, RuntimeError, OSError) as e:  # user-fixable problems: one clear line
@@ -55,6 +72,37 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _serve_main(args) -> int:
+    try:
+        return _run(args)
+    except (ValueError, RuntimeError, OSError) as e:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BaseException:  # noqa: BLE001 - printed, then the process ends below
+        import traceback
+
+        traceback.print_exc()
+        return 1
+
+
+def _exit_now(code: int) -> None:
+    """Ends a server process without interpreter teardown. The warm-up's compilations or
+    an engine step may still run in XLA on other threads; tearing the runtime down under
+    them aborts the process ("terminate called after throwing ...", status 134), so the
+    server stops its threads in order (serve()), flushes, and leaves with ``os._exit``."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not change the status
+            pass
+    os._exit(code)
 
 
 def _run(args) -> int:
@@ -74,10 +122,14 @@ def _run(args) -> int:
         options["save_converted"] = args.save_converted
     if args.command == "serve":
         from .server.app import serve
+        from .server.http import HttpSettings
 
-        serve(properties=args.properties, model_dir=args.model_dir, host=args.host, port=args.port,
-              options=options)
-        return 0
+        if args.drain_seconds is not None:
+            options["drain_seconds"] = args.drain_seconds
+        http = HttpSettings(threads=args.threads, connection_limit=args.connection_limit,
+                            request_timeout=args.request_timeout, idle_timeout=args.idle_timeout)
+        return serve(properties=args.properties, model_dir=args.model_dir, host=args.host, port=args.port,
+                     options=options, api_key=args.api_key, http=http)
 
     from .llm import LLM
     from .sampling_params import SamplingParams

@@ -20,11 +20,13 @@ class LLM:
     ``model_id``: a local HF directory, an HF id already in the local HF cache, or a
     known name ("smollm2", the default when None). ``options`` use the
     serving.properties option names (``max_rolling_batch_size=8``, ``dtype="bf16"``...).
-    ``warmup=False`` compiles each step bucket on first use instead of up front
-    (faster start for one-off generations; the first steps are slower).
+    Step buckets compile the first time a step uses them (one-off generations compile
+    only what they need; with the persistent compilation cache, option
+    ``compilation_cache_dir``, a later process loads them from disk). ``warmup=True``
+    compiles every bucket up front, as ``serve`` does, so that no later step compiles.
     """
 
-    def __init__(self, model_id: str | None = None, *, warmup: bool = True, progress: bool = True,
+    def __init__(self, model_id: str | None = None, *, warmup: bool = False, progress: bool = True,
                  **options):
         from .config import config_from_kwargs
         from .engine.llm_engine import LLMEngine

@@ -110,6 +110,12 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lmidist_jax"
 
 
+def compilation_cache_dir() -> Path:
+    """JAX's persistent compilation cache, beside the models (the option
+    ``compilation_cache_dir=auto``)."""
+    return cache_dir() / "jax_compilation_cache"
+
+
 def _known(name: str) -> KnownModel:
     try:
         return KNOWN_MODELS[name]

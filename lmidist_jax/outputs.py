@@ -26,6 +26,10 @@ class CompletionOutput:
     finish_reason: str | None  # "eos_token" | "length" | "stop_sequence" | "error" | "abort"
     logprobs: list[TokenLogprob] | None = None
     cumulative_logprob: float = 0.0
+    # What this step added to this sequence (streaming): its text (a possible stop-string
+    # start held back) and token ids.
+    text_delta: str = ""
+    new_token_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""Paged-attention kernels: plain-XLA reference (CPU path) and Pallas GPU kernels.
+"""Paged-attention kernels: plain-XLA reference (the oracle), the tiled XLA path the CPU
+runs (xla_attention.py) and Pallas GPU kernels.
 
   paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale, ...)
   paged_attention(q, k_pages, v_pages, block_tables, token_seq_ids, positions, *, scale, ...)

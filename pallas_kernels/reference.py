@@ -1,7 +1,8 @@
 """Plain-XLA reference implementations of the paged-attention kernels.
 
-These define the semantics every Pallas kernel must match, and they are the
-`attention_backend=xla` path used on CPU.
+These define the semantics every Pallas kernel must match (and the tiled
+`attention_backend=xla` path the CPU runs, pallas_kernels/xla_attention.py, which is
+built from them).
 
 Layouts (shared by all backends):
   k_pages, v_pages : [num_kv_heads, num_blocks, block_size, head_dim]
@@ -73,13 +74,16 @@ def paged_attention_reference(
     soft_cap: float | None = None,
     alibi_slopes=None,
     num_blocks_to_scan=None,
+    max_chunk_blocks: int | None = None,
 ):
     """Attention of each query token over its sequence's paged keys (causal).
 
     Covers decode (one token per sequence), chunked prefill and mixed batches with
     one rule. Keys are streamed in chunks of blocks with an online softmax so memory
     stays bounded; `num_blocks_to_scan` (traced int32 scalar, optional) stops the
-    loop after the longest sequence's last block.
+    loop after the longest sequence's last block; `max_chunk_blocks` (static, optional)
+    caps the blocks gathered per chunk, so that with `num_blocks_to_scan` the keys read
+    follow the live context rather than the table width.
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -89,6 +93,8 @@ def paged_attention_reference(
 
     per_block = num_tokens * block_size * num_kv_heads * head_dim
     chunk = int(max(1, min(max_blocks, _GATHER_BUDGET // max(per_block, 1))))
+    if max_chunk_blocks is not None:
+        chunk = min(chunk, int(max_chunk_blocks))
     num_chunks_static = math.ceil(max_blocks / chunk)
     # Pad the tables to a whole number of chunks (padding points at trash block 0,
     # which the position mask hides).

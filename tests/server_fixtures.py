@@ -60,21 +60,22 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """create_app + werkzeug's threaded server on a free port, in this process."""
+    """create_app + the server's waitress transport on a free port, in this process."""
 
-    def __init__(self, app, loop=None):
-        from werkzeug.serving import make_server
+    def __init__(self, app, loop=None, threads: int = 96):
+        from lmidist_jax.server.http import HttpServer, HttpSettings
 
         self.app = app
         self.loop = loop
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.server = HttpServer(app, "127.0.0.1", 0, HttpSettings(threads=threads))
         self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="test-http", daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_until_stopped, name="test-http", daemon=True)
         self.thread.start()
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
+        self.thread.join(5)
+        self.server.close(timeout=2)
 
 
 def build_engine_loop(model_dir, **overrides):
@@ -91,15 +92,17 @@ class ServeProcess:
     """``lmidist-jax serve`` in a subprocess. A watcher thread polls /ping from the start
     and records every status it sees until the first 200."""
 
-    def __init__(self, model_dir: Path, log_path: Path, options: dict | None = None):
+    def __init__(self, model_dir: Path, log_path: Path, options: dict | None = None,
+                 flags: list[str] | None = None, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "lmidist_jax.cli", "-v", "serve", "--model-dir", str(model_dir),
-               "--port", str(self.port)]
+               "--port", str(self.port), *(flags or [])]
         for k, v in (options or {}).items():
             cmd += ["--option", f"{k}={v}"]
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **(env or {})}
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.ping_statuses: list[int] = []
@@ -123,7 +126,10 @@ class ServeProcess:
             time.sleep(0.05)
 
     def wait_ready(self, timeout: float = 240) -> None:
-        if not self.ready.wait(timeout):
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.5) and time.monotonic() < deadline and self.proc.poll() is None:
+            pass
+        if not self.ready.is_set():
             raise AssertionError(f"the server did not become ready (ping statuses {self.ping_statuses}); "
                                  f"log:\n{self.log_text()[-4000:]}")
 

@@ -37,7 +37,7 @@ GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 @pytest.fixture(scope="module")
 def shared_llm(model_dir):
     """One engine with the default test options, shared by the tests that leave it clean."""
-    return make_llm(model_dir)
+    return make_llm(model_dir, warmup=True)
 
 
 @pytest.fixture(scope="module")

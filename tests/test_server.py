@@ -419,13 +419,44 @@ BAD_REQUESTS = [
     ("v1-unknown-adapter", "POST", "/v1/chat/completions",
      dict(json={"messages": [{"role": "user", "content": "hi"}], "adapter_id": "zz"}), 400, ["unknown adapter"]),
     ("v1-unknown-route", "POST", "/v1/completions", dict(json={"prompt": "x"}), 404, ["/v1/completions"]),
+    # Chat fields outside OpenAI's schema.
+    ("chat-role-unknown", "POST", "/v1/chat/completions",
+     dict(json={"messages": [{"role": "wizard", "content": "hi"}]}), 400,
+     ["messages[0].role", "'wizard'", "system, user, assistant, tool"]),
+    ("chat-role-unknown-invocations", "POST", "/invocations",
+     dict(json={"messages": [{"role": "user", "content": "a"}, {"role": "function", "content": "b"}]}), 400,
+     ["messages[1].role", "'function'"]),
+    ("chat-temperature-over-2", "POST", "/v1/chat/completions",
+     dict(json={"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}), 400,
+     ["temperature=2.5", "[0, 2]"]),
+    # n > 1 without details would drop every sequence but the first.
+    ("n-without-details", "POST", "/invocations", dict(json={"inputs": "x", "parameters": {"n": 3}}), 400,
+     ["n=3", '"details": true', "best_of_sequences"]),
+    ("n-without-details-stream", "POST", "/invocations",
+     dict(json={"inputs": "x", "stream": True, "parameters": {"n": 2}}), 400, ["n=2", "details"]),
+    # A body must be declared JSON (a browser sends text/plain across origins unasked).
+    ("text-plain-body", "POST", "/invocations",
+     dict(data='{"inputs": "x"}', headers={"Content-Type": "text/plain"}), 415,
+     ["'text/plain'", "application/json"]),
+    ("form-body", "POST", "/v1/chat/completions",
+     dict(data='{"messages": []}', headers={"Content-Type": "application/x-www-form-urlencoded"}), 415,
+     ["application/x-www-form-urlencoded", "application/json"]),
+    ("no-content-type", "POST", "/invocations", dict(data=b'{"inputs": "x"}', headers={}), 415,
+     ["no Content-Type", "application/json"]),
 ]
+
+
+def send(method, url, kwargs):
+    """A raw body (``data=``) is sent as JSON unless the case sets its own headers."""
+    if "data" in kwargs and "headers" not in kwargs:
+        kwargs = {**kwargs, "headers": {"Content-Type": "application/json"}}
+    return requests.request(method, url, timeout=60, **kwargs)
 
 
 @pytest.mark.parametrize("method,path,kwargs,status,words", [c[1:] for c in BAD_REQUESTS],
                          ids=[c[0] for c in BAD_REQUESTS])
 def test_bad_request(server, method, path, kwargs, status, words):
-    r = requests.request(method, server.url + path, timeout=60, **kwargs)
+    r = send(method, server.url + path, kwargs)
     message = error_message(r, status)
     for word in words:
         assert word in message, (word, message)
@@ -434,7 +465,7 @@ def test_bad_request(server, method, path, kwargs, status, words):
 def test_bad_requests_leave_the_server_serving(server):
     assert len(BAD_REQUESTS) >= 30
     for _, method, path, kwargs, status, _ in BAD_REQUESTS[:20]:
-        requests.request(method, server.url + path, timeout=60, **kwargs)
+        send(method, server.url + path, kwargs)
     r = post(server.url, json={"inputs": "Still alive?", "parameters": {"max_new_tokens": 4,
                                                                         "ignore_eos_token": True}})
     assert r.status_code == 200 and parse_json_response(r)["generated_text"]
@@ -504,10 +535,16 @@ class FailingEngine:
         self.fail_when = fail_when
         self.num_requests = num_requests
 
-    def encode_chat(self, messages, add_generation_prompt=True):
+    def encode(self, prompt, tokenizer=None):
+        return (prompt if isinstance(prompt, str) else None), [1, 2]
+
+    def validate(self, ids, params):
+        pass
+
+    def encode_chat(self, messages, add_generation_prompt=True, tokenizer=None):
         return [1, 2]
 
-    def add_request(self, request_id, prompt, params=None, stream=True):
+    def add_request(self, request_id, prompt, params=None, stream=True, prompt_token_ids=None):
         self.requests[request_id] = []
 
     def abort(self, request_id):
@@ -690,4 +727,109 @@ def test_serve_subprocess(serve_proc):
     assert r.status_code == 200, r.text
     m = metrics(url)
     assert m["lmidist_kv_blocks_used"] == 0 and m["lmidist_aborted_requests_total"] == 1
-    assert serve_proc.stop() in (0, -15)
+    assert serve_proc.stop() == 0  # SIGTERM: drained (nothing in flight) and exited cleanly
+
+
+# -- API key, streaming deltas, small items ------------------------------------------------
+
+
+def test_api_key(server):
+    from lmidist_jax.server import create_app
+
+    srv = ServerThread(create_app(server.loop, server.config, api_key="s3cret"), server.loop)
+    try:
+        assert requests.get(srv.url + "/ping").status_code == 200  # health checks need no key
+        body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+        r = post(srv.url, json=body)
+        assert "Authorization: Bearer" in error_message(r, 401) and "no Authorization" in error_message(r, 401)
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        r = post(srv.url, json=body, headers={"Authorization": "Bearer wrong"})
+        assert "wrong API key" in error_message(r, 401)
+        for path in ("/metrics", "/models", "/v1/models"):
+            assert requests.get(srv.url + path).status_code == 401, path
+        ok = {"Authorization": "Bearer s3cret"}
+        assert post(srv.url, json=body, headers=ok).status_code == 200
+        assert requests.get(srv.url + "/metrics", headers=ok).status_code == 200
+        import openai
+
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).chat.completions.create(
+                model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert reply.choices[0].finish_reason in ("length", "stop")
+    finally:
+        srv.close()
+
+
+def test_every_chat_choice_streams_its_text(server):
+    """n=2 sampled choices with a stop string: each choice's deltas add up to its text in
+    the non-streamed reply (the same seed), and no delta shows the stop string."""
+    base = {"messages": [{"role": "user", "content": "Tell me something"}], "max_tokens": 24, "n": 2,
+            "seed": 7, "temperature": 1.0, "ignore_eos": True}
+    full = parse_json_response(post(server.url, "/v1/chat/completions", json=base))
+    texts = [c["message"]["content"] for c in sorted(full["choices"], key=lambda c: c["index"])]
+    # A stop string that occurs in the second choice's text (so it is cut) but not at its start.
+    words = [w for w in texts[1].split() if len(w) > 2 and texts[1].index(w) > 0]
+    stop = words[0] if words else texts[1][1:3]
+    body = {**base, "stop": [stop]}
+    full = parse_json_response(post(server.url, "/v1/chat/completions", json=body))
+    want = {c["index"]: c["message"]["content"] for c in full["choices"]}
+    r = post(server.url, "/v1/chat/completions", json={**body, "stream": True}, stream=True)
+    chunks = parse_sse(r, done_marker=True)
+    got = {0: "", 1: ""}
+    for c in chunks:
+        for choice in c["choices"]:
+            got[choice["index"]] += choice["delta"].get("content") or ""
+    assert got == want
+    assert stop not in got[1] and want[1] == texts[1][:texts[1].index(stop)]
+    assert all(got[i] for i in (0, 1)), got  # both choices streamed text, not only choice 0
+
+
+def test_engine_text_deltas_for_every_sequence(server):
+    """The engine's CompletionOutput.text_delta of each sequence adds up to its text."""
+    from lmidist_jax import SamplingParams
+
+    stream = server.loop.submit("deltas-test", "Once upon", SamplingParams(
+        max_new_tokens=16, n=3, temperature=1.0, seed=3, ignore_eos=True, stop_sequences=("the",)))
+    got = {}
+    final = None
+    for out in stream:
+        for c in out.outputs:
+            got[c.index] = got.get(c.index, "") + c.text_delta
+        final = out
+    assert final.finished and len(final.outputs) == 3
+    assert {c.index: c.text for c in final.outputs} == got
+    assert sum(bool(t) for t in got.values()) >= 2
+
+
+def test_huge_prompt_refused_without_tokenizing(server):
+    prompt = "lorem ipsum " * 500_000  # 6 MB: seconds of tokenizing
+    t = time.perf_counter()
+    r = post(server.url, json={"inputs": prompt}, timeout=60)
+    elapsed = time.perf_counter() - t
+    message = error_message(r, 400)
+    assert "characters" in message and "max_model_len=512" in message
+    assert elapsed < 5, elapsed
+
+
+def test_missing_tokenizer_json_names_the_file(tiny_model_dir, tmp_path):
+    import shutil
+
+    from lmidist_jax.engine.factory import load_tokenizer
+
+    for f in tiny_model_dir.iterdir():
+        if f.name != "tokenizer.json":
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(ValueError, match="tokenizer.json is missing"):
+        load_tokenizer(tmp_path)
+
+
+def test_no_pytorch_notice_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['torch'] = None\nimport lmidist_jax\nimport transformers\nprint('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    assert "PyTorch was not found" not in out.stderr + out.stdout

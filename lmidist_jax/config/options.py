@@ -25,7 +25,9 @@ tensor_parallel_degree              max           devices to shard the model ove
                                                   visible devices; resolved to an int (1 when unset
                                                   while tensor parallelism is not yet supported)
 max_rolling_batch_size              32            most sequences decoded together
-max_rolling_batch_prefill_tokens    None          most prompt tokens per step (None: max_model_len)
+max_rolling_batch_prefill_tokens    None          most prompt tokens per step (None: 2048, at most
+                                                  max_model_len; longer prompts run in chunks
+                                                  between the decode steps of running requests)
 max_model_len                       None          longest prompt + output (None: from the HF config)
 load_format                         auto          checkpoint format: auto, safetensors, pt
 enforce_eager                       False         do not compile the step functions ahead (no warm-up)
@@ -46,11 +48,16 @@ enable_prefix_caching               False         reuse the KV cache of shared p
 max_logprobs                        20            most logprobs a request may ask for (>= 0)
 output_formatter                    None          json, jsonlines, sse (None: jsonlines when streaming, else json)
 job_queue_size                      1000          most requests waiting in the server's queue
+drain_seconds                       20            on SIGTERM/SIGINT, seconds the server lets requests in
+                                                  flight finish (new ones get 503) before it exits
 block_size                          16            tokens per KV-cache block: 4, 8, 16, 32, 64, 128
 num_kv_blocks                       None          KV-cache blocks (>= 2); None: sized from memory
 kv_cache_memory_gb                  None          KV-cache memory in GiB (> 0); None: sized from memory
 attention_backend                   auto          auto, xla, mosaic_gpu, triton
-compilation_cache_dir               None          JAX persistent compilation cache directory
+compilation_cache_dir               auto          JAX persistent compilation cache directory; auto =
+                                                  ``jax_compilation_cache`` beside the models
+                                                  ($LMIDIST_JAX_CACHE or ~/.cache/lmidist_jax; a
+                                                  directory JAX was already given wins), none = off
 seed                                0             engine random seed (sampling without a request seed)
 decode_steps                        1             decode steps run per engine step on the device (>= 1)
 save_converted                      None          directory to save the converted (Orbax) model to
@@ -199,6 +206,16 @@ def _float(gt: float | None = None, le: float | None = None, optional: bool = Fa
     return parse, accepted
 
 
+def _seconds() -> tuple[Callable, str]:
+    def parse(value):
+        x = _to_float(value)
+        if not math.isfinite(x) or x < 0:
+            raise _Invalid
+        return x
+
+    return parse, "a number of seconds >= 0"
+
+
 def _choice(*choices: str, synonyms: Mapping[str, str] | None = None, keep_case: bool = False,
             optional: bool = False) -> tuple[Callable, str]:
     synonyms = dict(synonyms or {})
@@ -235,6 +252,20 @@ def _str(optional: bool = True) -> tuple[Callable, str]:
         return value.strip()
 
     return parse, "a string" + (" (or none)" if optional else "")
+
+
+def _cache_dir() -> tuple[Callable, str]:
+    def parse(value):
+        if value is None or _is_none_text(value):
+            return None
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise _Invalid
+        text = value.strip()
+        return "auto" if text.lower() == "auto" else text
+
+    return parse, "a directory, auto, or none (off)"
 
 
 def _tensor_parallel() -> tuple[Callable, str]:
@@ -296,11 +327,12 @@ _PARSERS: dict[str, tuple[Callable, str]] = {
     "max_logprobs": _int(minimum=0),
     "output_formatter": _choice("json", "jsonlines", "sse", optional=True),
     "job_queue_size": _int(minimum=1),
+    "drain_seconds": _seconds(),
     "block_size": _int(choices=(4, 8, 16, 32, 64, 128)),  # 4: small CPU test caches
     "num_kv_blocks": _int(minimum=2, optional=True),
     "kv_cache_memory_gb": _float(gt=0, optional=True),
     "attention_backend": _choice(*ATTENTION_BACKENDS),
-    "compilation_cache_dir": _str(),
+    "compilation_cache_dir": _cache_dir(),
     "seed": _int(),
     "decode_steps": _int(minimum=1),
     "save_converted": _str(),
@@ -345,11 +377,12 @@ class EngineConfig:
     max_logprobs: int = 20
     output_formatter: str | None = None
     job_queue_size: int = 1000
+    drain_seconds: float = 20.0
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_gb: float | None = None
     attention_backend: str = "auto"
-    compilation_cache_dir: str | None = None
+    compilation_cache_dir: str | None = "auto"  # None: off
     seed: int = 0
     decode_steps: int = 1
     save_converted: str | None = None

@@ -19,6 +19,10 @@ from .model_runner import ModelRunner, kv_cache_bytes_per_block
 logger = logging.getLogger("lmidist_jax")
 
 CPU_DEFAULT_KV_CACHE_GB = 1.0
+# Prompt tokens per step when max_rolling_batch_prefill_tokens is unset: a longer
+# prompt is prefilled in chunks, with the running requests' decode steps in between
+# (on a 2-core CPU a 2048-token chunk of SmolLM2-135M takes a few seconds).
+DEFAULT_PREFILL_TOKENS = 2048
 
 
 class EngineConfigError(ValueError):
@@ -51,6 +55,13 @@ def load_tokenizer(model_dir):
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except ValueError as e:
         if "trust_remote_code" not in str(e) and "custom code" not in str(e):
+            if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+                # transformers' own text ("install sentencepiece or tiktoken") hides the cause.
+                present = ", ".join(sorted(n for n in os.listdir(model_dir) if "token" in n or "vocab" in n))
+                raise EngineConfigError(
+                    f"the tokenizer of {model_dir} cannot be loaded: tokenizer.json is missing (the directory "
+                    f"has {present or 'no tokenizer files'}); copy tokenizer.json from the original "
+                    f"model") from None
             raise
         logger.warning("the tokenizer of %s needs its own Python code, which lmidist-jax never runs: "
                        "prompts must be token ids (%s)", model_dir, str(e).splitlines()[0][:200])
@@ -64,10 +75,7 @@ def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEn
     from ..model_store import DEFAULT_MODEL, resolve_model
 
     start = time.perf_counter()
-    if config.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    configure_compilation_cache(config.compilation_cache_dir)
     model_dir = resolve_model(config.model_id or DEFAULT_MODEL, config.revision)
     hf_config = load_config(model_dir)
     spec = spec_from_hf_config(hf_config)
@@ -101,10 +109,11 @@ def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEn
 def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bool = True,
                      progress: bool = True) -> LLMEngine:
     """Sizes the KV cache for an already-loaded model, compiles, and returns the engine."""
+    configure_compilation_cache(config.compilation_cache_dir)
     spec = model.spec
     block_size = config.block_size
     max_num_seqs = config.max_rolling_batch_size
-    max_num_batched_tokens = config.max_rolling_batch_prefill_tokens or max_model_len
+    max_num_batched_tokens = config.max_rolling_batch_prefill_tokens or min(DEFAULT_PREFILL_TOKENS, max_model_len)
     num_blocks = _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_tokens)
     min_blocks = math.ceil(max_model_len / block_size) + 1
     if num_blocks < min_blocks:
@@ -127,6 +136,31 @@ def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bo
                      enable_prefix_caching=config.enable_prefix_caching,
                      max_logprobs=config.max_logprobs, eos_token_ids=spec.eos_token_ids,
                      seed=config.seed)
+
+
+def configure_compilation_cache(option: str | None) -> str | None:
+    """Points JAX's persistent compilation cache at the directory the option names
+    ("auto": beside the models, unless JAX was already given one; None: off), with
+    JAX's size and compile-time thresholds at 0 so that the small programs of a CPU
+    step are cached too. Call before the first compilation that should be cached.
+    Returns the directory in use (None: off)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from ..model_store import compilation_cache_dir
+
+    current = jax.config.jax_compilation_cache_dir
+    if option == "auto":
+        wanted = current or str(compilation_cache_dir())
+    else:
+        wanted = option
+    if wanted != current:
+        jax.config.update("jax_compilation_cache_dir", wanted)
+        # JAX opens its cache once per process: make it reopen at the new place.
+        compilation_cache.reset_cache()
+    if wanted is not None:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return wanted
 
 
 def _attention_backend(requested: str) -> str:

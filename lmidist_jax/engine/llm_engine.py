@@ -53,6 +53,7 @@ class LLMEngine:
         self._finished_outputs: list[RequestOutput] = []
         self._rng = random.Random(seed)
         self._token_texts: dict[int, str] = {}
+        self._max_token_chars: int | None = None
         self._next_seq_id = 0
 
     # -- construction --------------------------------------------------------------
@@ -65,13 +66,17 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------
 
-    def encode(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
+    def encode(self, prompt: str | Seq[int], tokenizer=None) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt. ``tokenizer``: a copy to use instead of the
+        engine's own (the engine loop tokenizes in request threads on pooled copies)."""
         if isinstance(prompt, str):
-            if self.tokenizer is None:
+            tok = self.tokenizer if tokenizer is None else tokenizer
+            if tok is None:
                 raise RequestError("this model has no tokenizer: pass the prompt as a list of token ids")
             if not prompt:
                 raise RequestError("the prompt is empty")
-            return prompt, list(self.tokenizer.encode(prompt))
+            self._check_prompt_chars(prompt, tok)
+            return prompt, list(tok.encode(prompt))
         ids = list(prompt)
         if not ids:
             raise RequestError("the prompt is empty")
@@ -82,10 +87,26 @@ class LLMEngine:
         text = None
         return text, [int(t) for t in ids]
 
-    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+    def _check_prompt_chars(self, prompt: str, tokenizer) -> None:
+        """Refuses, without tokenizing it, a prompt too long for max_model_len whatever its
+        tokens: no token covers more characters than the longest vocabulary entry, so
+        such a prompt has at least len(prompt) / that many tokens. (Tokenizing megabytes
+        costs seconds of CPU.) A factor of 2 leaves room for normalizers that drop text."""
+        if self._max_token_chars is None:
+            vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+            self._max_token_chars = max((len(t) for t in vocab), default=0) or 1024
+        limit = 2 * self._max_token_chars * self.max_model_len
+        if len(prompt) > limit:
+            raise RequestError(
+                f"the prompt has {len(prompt)} characters, far more than max_model_len={self.max_model_len} "
+                f"tokens can hold (no token of this tokenizer covers more than {self._max_token_chars} "
+                f"characters); prompts longer than {limit} characters are refused without tokenizing them")
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True, tokenizer=None) -> list[int]:
         """Token ids of a conversation ([{"role", "content"}, ...]) through the model's
-        chat template. Raises RequestError when there is none or it rejects the messages."""
-        tok = self.tokenizer
+        chat template. Raises RequestError when there is none or it rejects the messages.
+        ``tokenizer``: as in `encode`."""
+        tok = self.tokenizer if tokenizer is None else tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             # Base (pretrained) models such as gemma3-270m ship none: name the model and the way out.
             name = getattr(tok, "name_or_path", None) if tok is not None else None
@@ -115,15 +136,20 @@ class LLMEngine:
             raise RequestError(f"top_n_tokens={params.top_n_tokens} exceeds max_logprobs={self.max_logprobs}")
 
     def add_request(self, request_id: str, prompt: str | Seq[int],
-                    sampling_params: SamplingParams | None = None, *, stream: bool = True) -> Request:
+                    sampling_params: SamplingParams | None = None, *, stream: bool = True,
+                    prompt_token_ids: Seq[int] | None = None) -> Request:
         """Queue a request. Raises RequestError (and changes nothing) if it is invalid.
 
         ``stream=False`` skips per-token text deltas: the text is decoded once when the
-        request finishes (stop strings still detokenize as they go)."""
+        request finishes (stop strings still detokenize as they go). ``prompt_token_ids``:
+        the prompt already tokenized (``prompt`` is then only its text, or the same ids)."""
         params = sampling_params or SamplingParams()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        text, ids = self.encode(prompt)
+        if prompt_token_ids is not None:
+            text, ids = (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
+        else:
+            text, ids = self.encode(prompt)
         self.validate(ids, params)
         request = Request(request_id, text, ids, params,
                           incremental_text=stream or bool(params.stop_sequences))
@@ -284,18 +310,22 @@ class LLMEngine:
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:params.n]
         elif len(seqs) > params.n:
             seqs = seqs[:params.n]
+        # Each sequence's streamable text delta (a possible stop-string start held back).
+        deltas = {}
+        for s in request.sequences:
+            emit_to = streamable_length(s)
+            deltas[s.index] = s.text[s.emitted_text_len:emit_to]
+            s.emitted_text_len = max(s.emitted_text_len, emit_to)
         completions = [
             CompletionOutput(index=i, text=s.text, token_ids=s.output_token_ids,
                              finish_reason=s.finish_reason,
                              logprobs=list(s.output_logprobs) if (params.logprobs or params.top_n_tokens) else None,
-                             cumulative_logprob=s.cumulative_logprob)
+                             cumulative_logprob=s.cumulative_logprob, text_delta=deltas[s.index],
+                             new_token_ids=[t for t, _ in per_seq.get(s.index, [])])
             for i, s in enumerate(seqs)]
-        # Streaming deltas follow the first sequence.
-        first = request.sequences[0]
+        # The request-level deltas follow the first sequence.
         new = per_seq.get(0, [])
-        emit_to = streamable_length(first)
-        delta = first.text[first.emitted_text_len:emit_to]
-        first.emitted_text_len = max(first.emitted_text_len, emit_to)
+        delta = deltas[request.sequences[0].index]
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids, outputs=completions, finished=finished,

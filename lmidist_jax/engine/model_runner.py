@@ -117,6 +117,7 @@ class ModelRunner:
         self.seq_buckets = _pow2_buckets(max_num_seqs)
         self.token_buckets = _pow2_buckets(max_num_batched_tokens, start=16)
         self.num_compiled_steps = 0
+        self.lazily_compiled: set[tuple[int, int, bool]] = set()  # buckets first compiled by a step
 
         self.kv_caches = self._allocate_kv_cache()
         vocab = self.spec.vocab_size
@@ -277,7 +278,10 @@ class ModelRunner:
     def _run(self, batch: StepBatch, num_steps: int = 1) -> tuple[SampleOutput, jax.Array]:
         """Returns (samples [steps, S, ...], prompt-token logprobs [T])."""
         key = (batch.input_ids.shape[0], batch.slots.shape[0], batch.md.decode_only)
-        step = self._compiled.get(key, self._step)
+        step = self._compiled.get(key)
+        if step is None:  # not warmed up: jit compiles this bucket on its first use
+            step = self._step
+            self.lazily_compiled.add(key)
         self.kv_caches, self.prompt_mask, self.output_counts, out = step(*self._args(batch, num_steps))
         return out
 

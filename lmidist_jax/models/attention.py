@@ -6,11 +6,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 import pallas_kernels
-from pallas_kernels import reference
+from pallas_kernels import reference, xla_attention
 
 from ..parallel import TP_AXIS
 from .step_metadata import StepMetadata
@@ -42,13 +41,15 @@ def _paged_attention_local(q, k_pages, v_pages, md: StepMetadata, *, scale: floa
                   alibi_slopes=alibi_slopes)
     block_size = k_pages.shape[2]
     if md.backend == "xla":
+        # The tiled XLA path (its cost follows the live context); the reference it
+        # matches stays the kernels' oracle.
         if md.decode_only:
-            return reference.paged_decode_attention_reference(
+            return xla_attention.paged_decode_attention_xla(
                 q, k_pages, v_pages, md.block_tables, md.seq_lens, **kwargs)
-        num_blocks = (jnp.max(md.seq_lens) + block_size - 1) // block_size
-        return reference.paged_attention_reference(
+        # Padding tokens write into trash block 0, which no sequence owns.
+        return xla_attention.paged_attention_xla(
             q, k_pages, v_pages, md.block_tables, md.token_seq_ids, md.positions,
-            num_blocks_to_scan=num_blocks, **kwargs)
+            is_padding=md.slot_mapping < block_size, **kwargs)
     if md.decode_only:
         return pallas_kernels.paged_decode_attention(
             q, k_pages, v_pages, md.block_tables, md.seq_lens, backend=md.backend, **kwargs)

@@ -1,4 +1,5 @@
-"""The HTTP server: LMI request schema + OpenAI chat completions, on Flask.
+"""The HTTP server: LMI request schema + OpenAI chat completions, a Flask app served by
+waitress (bounded threads, timeouts, body limits: see ``http.py``).
 
 Routes
 ------
@@ -30,12 +31,19 @@ code   when
        or top_n_tokens over max_logprobs (RequestError from add_request), an unknown
        ``adapters``/``adapter_id`` (no LoRA adapters are loaded), ``stream`` with a
        list of inputs, a chat template that fails on the messages
+401    an API key is set (``--api-key`` / ``LMIDIST_JAX_API_KEY``) and the request has no
+       ``Authorization: Bearer <key>`` header with it (every route but ``/ping``)
 404    unknown route, or ``/predictions/<model>`` for a model this server does not serve
 405    known route, wrong method
-413    request body over ``max_body_bytes`` (default 8 MiB, ``LMIDIST_JAX_MAX_BODY_BYTES``)
+413    request body over ``max_body_bytes`` (default 8 MiB, ``LMIDIST_JAX_MAX_BODY_BYTES``),
+       sent with Content-Length or chunked; the connection is closed
+415    a POST body whose Content-Type is not ``application/json`` (a browser can send
+       ``text/plain`` across origins without asking first; JSON it cannot)
+499    (logged only) the client of a non-streaming request disconnected: it was aborted
 500    the engine failed while serving the request, or an unexpected server error
-503    the engine is still warming up, has failed (the request is not admitted), or the
-       request queue is full (``job_queue_size`` requests in flight)
+503    the engine is still warming up, has failed (the request is not admitted), the
+       request queue is full (``job_queue_size`` requests in flight), or the server is
+       shutting down (draining)
 =====  ==============================================================================
 
 Unknown LMI parameters and chat fields are dropped with a warning in the log (as
@@ -49,27 +57,43 @@ the last line also carries ``generated_text``, and ``details`` when asked), or
 ``output_formatter=sse`` (``json``, ``jsonlines`` or unset: JSON lines). Chat:
 ``chat.completion.chunk`` SSE events ending with ``data: [DONE]``. An error after the stream started ends it with a final
 ``{"code": N, "error": ...}`` record. A client that disconnects aborts its request
-(its KV blocks are freed at once).
+(its KV blocks are freed before the next engine step): a streaming one is noticed when
+a write fails or, between tokens, through waitress's ``waitress.client_disconnected``
+(the server keeps reading the socket while a request runs, so a closed connection is
+seen at once); a non-streaming one through the same check, polled every 0.1 s while it
+waits for the engine. Under another WSGI server without that hook, only streams notice.
+
+Shutdown
+--------
+SIGTERM or SIGINT: new requests get 503 and ``/ping`` answers 503 while the requests in
+flight run to their end for up to ``drain_seconds`` (option, ``--drain-seconds``); the
+ones still running then end (streams with a final error record), the engine loop stops
+after its step in flight (given at most ``STEP_GRACE_SECONDS`` more), and the process
+exits 0. During warm-up nothing is drained: it exits at once. A second signal skips
+the rest of the drain.
 
 Details
 -------
 ``details.prefill`` (with ``decoder_input_details``) lists the prompt tokens with their
 ids, texts and ``log_prob`` (null for the first token, which has no context); such a
 request is prefilled without prefix-cache hits. ``details.best_of_sequences`` holds the other sequences when
-``n`` > 1. ``log_prob`` values are natural-log probabilities under the model's own
+``n`` > 1; ``n`` > 1 without ``"details": true`` is refused (400) rather than answered with
+the first sequence only. ``log_prob`` values are natural-log probabilities under the model's own
 distribution (before penalties/temperature); a non-finite value is sent as null.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
+import ipaddress
 import logging
 import os
 import signal
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
@@ -79,6 +103,9 @@ from .metrics import ServerMetrics
 from .schema import (BadRequest, ChatStreamBuilder, Limits, LmiRequest, LmiStreamBuilder, chat_response,
                      dumps, error_body, lmi_response, new_chat_id, parse_chat_request, parse_json_body,
                      parse_lmi_request)
+
+if TYPE_CHECKING:
+    from .http import HttpSettings
 
 logger = logging.getLogger("lmidist_jax.server")
 
@@ -98,17 +125,22 @@ class ServerError(Exception):
 class ServerState:
     """What the routes share. ``loop`` is None until the engine is ready."""
 
-    def __init__(self, loop, config, metrics: ServerMetrics, model_name: str, max_body_bytes: int):
+    def __init__(self, loop, config, metrics: ServerMetrics, model_name: str, max_body_bytes: int,
+                 api_key: str | None = None):
         self.loop = loop
         self.config = config
         self.metrics = metrics
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
+        self.api_key = api_key
         self.startup_error: str | None = None
+        self.shutting_down = False
         self.created = int(time.time())
 
     def ready_loop(self):
         """The engine loop, or ServerError(503) while it cannot take requests."""
+        if self.shutting_down:
+            raise ServerError("the server is shutting down; send the request to another instance", 503)
         if self.startup_error is not None:
             raise ServerError(f"the engine failed to start: {self.startup_error}", 503)
         if self.loop is None:
@@ -144,8 +176,9 @@ def _json_response(obj: Any, status: int = 200) -> Response:
     return Response(dumps(obj), status=status, content_type=JSON)
 
 
-_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-                      413: "invalid_request_error", 500: "internal_error", 503: "service_unavailable"}
+_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                       405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+                       500: "internal_error", 503: "service_unavailable"}
 
 
 def openai_error_body(status: int, message: str) -> dict:
@@ -177,18 +210,41 @@ def set_startup_error(app: Flask, error: BaseException | str) -> None:
     state_of(app).startup_error = str(error) or type(error).__name__
 
 
+def max_body_bytes_of(config) -> int:
+    return int(getattr(config, "max_body_bytes", None)
+               or os.environ.get("LMIDIST_JAX_MAX_BODY_BYTES") or DEFAULT_MAX_BODY_BYTES)
+
+
 def create_app(engine_loop, config, *, model_name: str | None = None, max_body_bytes: int | None = None,
-               metrics: ServerMetrics | None = None) -> Flask:
+               metrics: ServerMetrics | None = None, api_key: str | None = None) -> Flask:
     """The Flask app over an EngineLoop. ``engine_loop`` may be None while the engine
-    warms up (``/ping`` answers 503 until `set_engine_loop`)."""
+    warms up (``/ping`` answers 503 until `set_engine_loop`). ``api_key``: when set,
+    every route but ``/ping`` requires ``Authorization: Bearer <api_key>``."""
     if max_body_bytes is None:
-        max_body_bytes = int(getattr(config, "max_body_bytes", None)
-                             or os.environ.get("LMIDIST_JAX_MAX_BODY_BYTES") or DEFAULT_MAX_BODY_BYTES)
+        max_body_bytes = max_body_bytes_of(config)
     app = Flask("lmidist_jax.server")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     state = ServerState(engine_loop, config, metrics or ServerMetrics(), model_name or served_model_name(config),
-                        max_body_bytes)
+                        max_body_bytes, api_key=api_key or None)
     app.extensions["lmidist"] = state
+
+    @app.before_request
+    def _check_key_and_content_type():
+        if state.api_key is not None and request.path != "/ping":
+            header = request.headers.get("Authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), state.api_key.encode()):
+                what = "has no Authorization header" if not header else "has a wrong API key"
+                response = _error_response(401, f"the request {what}: this server requires "
+                                                "'Authorization: Bearer <key>' with its API key")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="lmidist-jax"'
+                return response
+        if request.method == "POST" and request.routing_exception is None:
+            if request.mimetype != JSON:
+                given = request.headers.get("Content-Type")
+                what = f"Content-Type {given!r}" if given else "no Content-Type header"
+                return _error_response(415, f"the request has {what}: send the body as JSON with "
+                                            f"'Content-Type: {JSON}'")
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
@@ -248,7 +304,7 @@ def create_app(engine_loop, config, *, model_name: str | None = None, max_body_b
             {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lmidist-jax"}]})
 
     @app.get("/metrics")
-    def metrics_route():
+    def metrics_route():  # never waits for an engine step: stats() is a snapshot
         loop = state.loop
         stats = loop.stats() if loop is not None else None
         body = state.metrics.render(stats, loop is not None and loop.healthy)
@@ -295,20 +351,39 @@ def _submit(loop, request_id: str, prompt, params, stream: bool, where: str = ""
     from ..engine.engine_loop import QueueFullError
 
     try:
-        return loop.submit(request_id, prompt, params, stream=stream)
+        submitted = loop.submit(request_id, prompt, params, stream=stream)
     except RequestError as e:
         raise BadRequest(f"{where}{e}") from None
     except QueueFullError as e:
         raise ServerError(f"{e}; retry later", 503) from None
-    except RuntimeError as e:  # the engine failed
+    except RuntimeError as e:  # the engine failed or is shutting down
         raise ServerError(str(e), 503) from None
+    # waitress: True once the client closed its connection (see the module docstring).
+    submitted.cancelled = request.environ.get("waitress.client_disconnected")
+    return submitted
 
 
-def _collect(stream, tracker) -> Any:
+def _observe(state: ServerState, tracker, stream, out) -> None:
+    tracker.observe(out)
+    if stream.steps_to_first_token is not None and not getattr(tracker, "steps_recorded", False):
+        tracker.steps_recorded = True
+        state.metrics.steps_to_first_token.observe(stream.steps_to_first_token)
+
+
+def _collect(state: ServerState, stream, tracker) -> Any:
+    from ..engine.engine_loop import EngineShutDown, RequestCancelled
+
     final = None
-    for out in stream:
-        tracker.observe(out)
-        final = out
+    try:
+        for out in stream:
+            _observe(state, tracker, stream, out)
+            final = out
+    except EngineShutDown as e:
+        raise ServerError(str(e), 503) from None
+    except RequestCancelled:
+        state.metrics.aborted.inc()
+        logger.info("client went away: aborted %s", stream.request_id)
+        raise ServerError("the client disconnected; the request was aborted", 499) from None
     if final is None or not final.finished:
         raise ServerError("the request ended without a result (aborted)", 500)
     if final.error:
@@ -317,12 +392,10 @@ def _collect(stream, tracker) -> Any:
 
 
 def _decoders(loop, skip_special_tokens: bool) -> tuple[Callable[[int], str], Callable[[int], str]]:
-    tok = loop.engine.tokenizer
-    if tok is None:
-        return (lambda t: ""), (lambda t: "")
-    piece = lambda t: tok.decode([t], skip_special_tokens=skip_special_tokens,  # noqa: E731
-                                 clean_up_tokenization_spaces=False)
-    raw = lambda t: tok.decode([t], skip_special_tokens=False)  # noqa: E731
+    # The loop's pooled tokenizers: the engine's own belongs to the engine thread.
+    piece = lambda t: loop.decode([t], skip_special_tokens=skip_special_tokens,  # noqa: E731
+                                  clean_up_tokenization_spaces=False)
+    raw = lambda t: loop.decode([t], skip_special_tokens=False)  # noqa: E731
     return piece, raw
 
 
@@ -359,7 +432,7 @@ def _handle_lmi(state: ServerState, loop, body: dict, limits: Limits, start: flo
     try:
         results = []
         for s, prompt in zip(streams, req.inputs):
-            final = _collect(s, state.metrics.tracker(start))
+            final = _collect(state, s, state.metrics.tracker(start))
             results.append(lmi_response(req, prompt, final, raw))
     except RuntimeError as e:
         raise ServerError(str(e), 500) from None
@@ -371,7 +444,7 @@ def _handle_lmi(state: ServerState, loop, body: dict, limits: Limits, start: flo
 
 def _chat_prompt(loop, messages: list[dict]) -> list[int]:
     try:
-        return loop.engine.encode_chat(messages)
+        return loop.encode_chat(messages)
     except RequestError as e:
         hint = ': send {"inputs": ...} instead of "messages"' if "no chat template" in str(e) else ""
         raise BadRequest(f"{e}{hint}") from None
@@ -404,7 +477,7 @@ def _handle_chat(state: ServerState, loop, body: dict, limits: Limits, start: fl
         return _stream_response(_StreamBody(state, stream, produce, lambda st, msg: encode(error_record(st, msg)),
                                             state.metrics.tracker(start)), SSE)
     try:
-        final = _collect(stream, state.metrics.tracker(start))
+        final = _collect(state, stream, state.metrics.tracker(start))
     except RuntimeError as e:
         raise ServerError(str(e), 500) from None
     finally:
@@ -440,9 +513,11 @@ class _StreamBody:
         return self._gen
 
     def _generate(self) -> Iterator[bytes]:
+        from ..engine.engine_loop import EngineShutDown, RequestCancelled
+
         try:
             for out in self.stream:
-                self.tracker.observe(out)
+                _observe(self.state, self.tracker, self.stream, out)
                 frames = self.produce(out)
                 if out.finished:
                     self.finished = True
@@ -450,6 +525,13 @@ class _StreamBody:
             if not self.finished and not self.closed:
                 self.finished = True
                 yield self.encode_error(500, "the request was aborted before it finished")
+        except EngineShutDown as e:  # the drain time is over
+            self.finished = True
+            yield self.encode_error(503, str(e))
+        except RequestCancelled:  # the client left between tokens: nothing more to send
+            self.state.metrics.aborted.inc()
+            self.finished = True
+            logger.info("client went away: aborted %s", self.stream.request_id)
         except Exception as e:  # the engine failed mid-stream (GeneratorExit is not an Exception)
             self.finished = True
             logger.error("stream of %s failed: %s", self.stream.request_id, e)
@@ -479,26 +561,74 @@ def _config_summary(config) -> str:
     return repr(config)
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
+# The step in flight when the drain ends gets this long to finish before the process
+# exits without it (a long prefill must not hold a stopping server for minutes).
+STEP_GRACE_SECONDS = 10.0
+DEFAULT_DRAIN_SECONDS = 20.0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT -> a flag the serving thread polls (a handler must not take locks).
+    The first asks for a drain; a second one skips what is left of it."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.count = 0
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        self.state.shutting_down = True  # refuse new requests from now on (a plain store: no lock)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def serve(properties: str | None = None, model_dir: str | None = None, host: str = "127.0.0.1",
-          port: int = 8080, options: dict | None = None) -> None:
+          port: int = 8080, options: dict | None = None, *, api_key: str | None = None,
+          http: "HttpSettings | None" = None) -> int:
     """Build the config (serving.properties + env + options, LMI rules), start the HTTP
     server at once (``/ping`` answers 503), build and warm up the engine in a background
-    thread, then serve until interrupted. An engine that fails to start stops the
-    server and the error is raised."""
-    from werkzeug.serving import make_server
+    thread, then serve until SIGTERM / SIGINT, drain (see "Shutdown" above) and return 0.
+    An engine that fails to start stops the server and the error is raised.
 
+    ``api_key`` (else ``LMIDIST_JAX_API_KEY``): required as a bearer token on every route
+    but /ping. The caller should end the process right after (``os._exit``, as the CLI
+    does): the warm-up or a step may still be running in native code on another thread."""
     from ..config import EngineConfig
+    from .http import HttpServer, HttpSettings
 
     config = EngineConfig.from_sources(options=options, properties_path=properties, model_dir=model_dir)
     logger.info("effective config: %s", _config_summary(config))
-    app = create_app(None, config)
-    server = make_server(host, port, app, threaded=True)
-    logger.info("serving %s on http://%s:%d (warming up)", state_of(app).model_name, host, server.server_port)
+    api_key = api_key or os.environ.get("LMIDIST_JAX_API_KEY") or None
+    if api_key is None and not is_loopback(host):
+        logger.warning("serving on %s without an API key: anyone who can reach this address can use the model; "
+                       "set --api-key or LMIDIST_JAX_API_KEY to require 'Authorization: Bearer <key>'", host)
+    settings = http or HttpSettings()
+    settings = dataclasses.replace(settings, max_body_bytes=max_body_bytes_of(config))
+    app = create_app(None, config, api_key=api_key, max_body_bytes=settings.max_body_bytes)
+    state = state_of(app)
+    server = HttpServer(app, host, port, settings)
+    logger.info("serving %s on http://%s:%d (warming up; %d HTTP worker threads)", state.model_name, host,
+                server.server_port, settings.threads)
     failure: list[BaseException] = []
+    engine_ready = threading.Event()
 
     def build() -> None:
         try:
@@ -506,32 +636,68 @@ def serve(properties: str | None = None, model_dir: str | None = None, host: str
             from ..engine.factory import build_engine
 
             engine = build_engine(config, warmup=True, progress=False)
+            if state.shutting_down:
+                return
             loop = EngineLoop(engine, job_queue_size=getattr(config, "job_queue_size", 1000) or 1000)
             set_engine_loop(app, loop)
+            engine_ready.set()
             logger.info("engine ready: GET /ping answers 200")
         except BaseException as e:  # noqa: BLE001 - reported and re-raised by serve()
             logger.exception("the engine failed to start")
             failure.append(e)
             set_startup_error(app, e)
-            server.shutdown()
 
+    signals = _StopSignals(state)
+    signals.install()
+    http_thread = threading.Thread(target=server.serve_until_stopped, name="lmidist-http", daemon=True)
+    http_thread.start()
     builder = threading.Thread(target=build, name="lmidist-engine-build", daemon=True)
     builder.start()
-    previous_sigterm = None
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM (docker stop, SageMaker) shuts down like Ctrl-C.
-        previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        server.serve_forever()  # returns on Ctrl-C / SIGTERM, or when the engine failed to start
-    except KeyboardInterrupt:
-        pass
+        while not signals.count and not failure:
+            time.sleep(0.1)
+        if signals.count:
+            _drain(state, server, signals, float(getattr(config, "drain_seconds", DEFAULT_DRAIN_SECONDS)))
     finally:
-        logger.info("shutting down")
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
-        server.server_close()
-        loop = state_of(app).loop
-        if loop is not None:
-            loop.shutdown()
+        state.shutting_down = True
+        server.stop()
+        http_thread.join(timeout=5)
+        server.close(timeout=2)
+        signals.restore()
+        loop = state.loop
+        if loop is not None and loop.healthy:
+            loop.shutdown(join_timeout=STEP_GRACE_SECONDS, reason="the server is shutting down")
+        logger.info("server stopped")
     if failure:
         raise failure[0]
+    return 0
+
+
+def _drain(state: ServerState, server, signals: _StopSignals, drain_seconds: float) -> None:
+    """Refuse new requests (503), let the ones in flight finish for up to ``drain_seconds``,
+    end the rest, stop the engine loop, and give their final records time to be sent."""
+    state.shutting_down = True
+    loop = state.loop
+    if loop is None:
+        logger.info("stopping during warm-up: nothing to drain")
+        return
+    loop.begin_drain()
+    stats = loop.stats()
+    logger.info("shutting down: draining %d request(s) for up to %.0f s (new requests get 503)",
+                stats["num_requests"], drain_seconds)
+    deadline = time.monotonic() + drain_seconds
+    first_signal = signals.count
+    while time.monotonic() < deadline and signals.count == first_signal:
+        if loop.wait_idle(timeout=min(0.2, max(0.0, deadline - time.monotonic()))):
+            break
+    left = loop.stats()["num_requests"]
+    if left:
+        logger.warning("drain over: ending %d request(s) still in flight", left)
+    stopped = loop.shutdown(join_timeout=STEP_GRACE_SECONDS, reason="the server is shutting down")
+    if not stopped:
+        logger.warning("the engine step in flight did not end within %.0f s; exiting without it",
+                       STEP_GRACE_SECONDS)
+    # Let the HTTP workers write the final records of the ended streams.
+    flush_deadline = time.monotonic() + 3.0
+    while time.monotonic() < flush_deadline and (server.busy_workers() or server.pending_output()):
+        time.sleep(0.05)

@@ -15,12 +15,17 @@ lmidist_waiting_sequences                  gauge      sequences waiting to be sc
 lmidist_active_requests                    gauge      requests the engine loop is serving
 lmidist_kv_blocks_used / _free             gauge      KV-cache blocks in use / free
 lmidist_engine_healthy                     gauge      1 when the engine is ready and healthy
+lmidist_engine_steps                       gauge      engine steps run so far
+lmidist_steps_to_first_token               histogram  engine steps from a request's submission to
+                                                      the step that gave its first token (1: the
+                                                      next step; 2: it arrived during a step)
 lmidist_time_to_first_token_seconds        histogram  request arrival -> first token
 lmidist_inter_token_latency_seconds        histogram  gap between tokens (per token)
 lmidist_request_latency_seconds            histogram  request arrival -> last token
 =========================================  =========  ==========================================
 
-The gauges are read from ``EngineLoop.stats()`` at scrape time.
+The gauges are read from ``EngineLoop.stats()`` at scrape time: a snapshot the engine
+loop takes after each step, so a scrape never waits for one.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                    2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+STEP_BUCKETS = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512)
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 
@@ -50,6 +56,10 @@ class ServerMetrics:
         self.kv_used = Gauge("lmidist_kv_blocks_used", "KV-cache blocks in use", registry=r)
         self.kv_free = Gauge("lmidist_kv_blocks_free", "KV-cache blocks free", registry=r)
         self.healthy = Gauge("lmidist_engine_healthy", "1 when the engine is ready and healthy", registry=r)
+        self.steps = Gauge("lmidist_engine_steps", "Engine steps run so far", registry=r)
+        self.steps_to_first_token = Histogram(
+            "lmidist_steps_to_first_token", "Engine steps from submission to the step that gave the first token",
+            buckets=STEP_BUCKETS, registry=r)
         self.ttft = Histogram("lmidist_time_to_first_token_seconds", "Request arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("lmidist_inter_token_latency_seconds", "Gap between consecutive tokens",
@@ -65,6 +75,7 @@ class ServerMetrics:
         self.kv_used.set(s.get("kv_blocks_used", 0))
         self.kv_free.set(s.get("kv_blocks_free", 0))
         self.healthy.set(1 if healthy else 0)
+        self.steps.set(s.get("num_steps", 0))
         return generate_latest(self.registry)
 
     def tracker(self, start: float | None = None) -> "RequestTracker":

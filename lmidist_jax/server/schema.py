@@ -257,6 +257,12 @@ def parse_lmi_request(body: dict, limits: Limits) -> LmiRequest:
             kwargs["best_of"] = best_of
     details = server.get("details", False)
     decoder_input_details = server.get("decoder_input_details", False)
+    if n is not None and n > 1 and not details:
+        # The LMI response has one "generated_text"; the other sequences only have a place
+        # in details.best_of_sequences. Dropping them silently would waste their compute.
+        raise BadRequest(f"parameters.n={n} asks for {n} sequences, but only the first is returned in "
+                         f'"generated_text": set "details": true in "parameters" to get the others in '
+                         f"details.best_of_sequences (or use n=1)")
     top_n = kwargs.get("top_n_tokens", 0)
     if stream and batched and len(prompts) > 1:
         raise BadRequest('"stream": true takes a single input; got a list of '
@@ -401,6 +407,10 @@ class ChatRequest:
         return _sampling_params(kwargs)
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+
+
 def _messages(value: Any) -> list[dict]:
     if not isinstance(value, list):
         raise BadRequest(f'"messages" must be a list of {{"role", "content"}} objects, got {_json_type(value)}')
@@ -413,6 +423,8 @@ def _messages(value: Any) -> list[dict]:
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise BadRequest(f'"messages[{i}].role" must be a non-empty string, got {_json_type(role)}')
+        if role not in CHAT_ROLES:
+            raise BadRequest(f'"messages[{i}].role" is {role!r}: expected one of {", ".join(CHAT_ROLES)}')
         content = m.get("content")
         if isinstance(content, list):
             parts = []
@@ -444,6 +456,9 @@ def parse_chat_request(body: dict, limits: Limits) -> ChatRequest:
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty"):
         if body.get(key) is not None:
             kwargs[key] = _number(where, key, body[key])
+    if not 0 <= kwargs["temperature"] <= CHAT_MAX_TEMPERATURE:
+        raise BadRequest(f"temperature={body['temperature']!r} is out of range: expected a number in "
+                         f"[0, {CHAT_MAX_TEMPERATURE:g}]")
     if body.get("seed") is not None:
         kwargs["seed"] = _int(where, "seed", body["seed"], 0, SEED_MAX)
     if body.get("top_k") is not None:
@@ -538,19 +553,15 @@ def chat_response(req: ChatRequest, out: RequestOutput, model: str, chat_id: str
 
 
 class ChatStreamBuilder:
-    """Turns RequestOutputs into ``chat.completion.chunk`` dicts, per choice index.
-
-    Text that could still turn out to be the start of a stop string is held back
-    until it cannot (as the engine does for the first sequence)."""
+    """Turns RequestOutputs into ``chat.completion.chunk`` dicts, per choice index, from
+    each sequence's text delta (the engine holds back text that could still start a
+    stop string)."""
 
     def __init__(self, req: ChatRequest, model: str, chat_id: str | None = None, created: int | None = None):
         self.req = req
         self.model = model
         self.id = chat_id or new_chat_id()
         self.created = created or int(time.time())
-        stops = req.kwargs.get("stop_sequences") or ()
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text_sent = [0] * req.n
         self.tokens_sent = [0] * req.n
         self.finished = [False] * req.n
         self.started = False
@@ -576,9 +587,7 @@ class ChatStreamBuilder:
             if i >= self.req.n or self.finished[i]:
                 continue
             done = c.finish_reason is not None
-            end = len(c.text) if done else max(self.text_sent[i], len(c.text) - self.hold)
-            delta_text = c.text[self.text_sent[i]:end]
-            self.text_sent[i] = max(self.text_sent[i], end)
+            delta_text = c.text_delta
             new_entries = (c.logprobs or [])[self.tokens_sent[i]:]
             self.tokens_sent[i] = len(c.token_ids)
             if not delta_text and not done and not (self.req.logprobs and new_entries):
