@@ -108,7 +108,6 @@ def paged_attention_reference(
         slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(num_kv_heads, group)
 
     def body(c, carry):
-        m, l, acc = carry  # [T,K,G], [T,K,G], [T,K,G,D]
         blocks = jax.lax.dynamic_slice_in_dim(tables, c * chunk, chunk, axis=1)  # [T, C]
         k = k_pages[:, blocks].astype(jnp.float32)  # [K, T, C, BS, D]
         v = v_pages[:, blocks].astype(jnp.float32)
@@ -117,27 +116,11 @@ def paged_attention_reference(
         s = jnp.einsum("tkgd,ktjd->tkgj", qg, k)  # [T, K, G, C*BS]
         key_pos = c * chunk * block_size + jnp.arange(chunk * block_size)
         rel = key_pos[None, :] - positions[:, None]  # [T, C*BS], <= 0 is visible
-        mask = rel <= 0
-        if sliding_window is not None:
-            mask = mask & (rel > -sliding_window)
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        if alibi_slopes is not None:
-            s = s + slopes[None, :, :, None] * rel[:, None, None, :].astype(jnp.float32)
-        mask = mask[:, None, None, :]
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        correction = jnp.exp(m - m_new)
-        l_new = l * correction + p.sum(axis=-1)
-        acc_new = acc * correction[..., None] + jnp.einsum("tkgj,ktjd->tkgd", p, v)
-        return m_new, l_new, acc_new
+        return online_softmax_update(carry, s, rel, lambda p: jnp.einsum("tkgj,ktjd->tkgd", p, v),
+                                     sliding_window=sliding_window, soft_cap=soft_cap,
+                                     slopes=slopes if alibi_slopes is not None else None)
 
-    init = (
-        jnp.full((num_tokens, num_kv_heads, group), MASK_VALUE, jnp.float32),
-        jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
-        jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
-    )
+    init = online_softmax_init(num_tokens, num_kv_heads, group, head_dim)
     if num_blocks_to_scan is None:
         num_chunks = num_chunks_static
     else:
@@ -145,6 +128,34 @@ def paged_attention_reference(
     _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
     out = acc / jnp.maximum(l, 1e-30)[..., None]
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def online_softmax_init(num_tokens: int, num_kv_heads: int, group: int, head_dim: int):
+    """(running max, running sum, accumulator) before any key: [T,K,G], [T,K,G], [T,K,G,D]."""
+    return (jnp.full((num_tokens, num_kv_heads, group), MASK_VALUE, jnp.float32),
+            jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
+            jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32))
+
+
+def online_softmax_update(carry, s, rel, weighted_values, *, sliding_window=None, soft_cap=None, slopes=None):
+    """One chunk of keys folded into the running softmax. s [T,K,G,J] float32 scores,
+    rel [T,J] key position minus query position (<= 0 visible), ``weighted_values(p)``
+    -> [T,K,G,D] (p [T,K,G,J]); slopes [K,G] for ALiBi. Masking, soft cap and ALiBi are
+    applied here, so every XLA path computes them the same way."""
+    m, l, acc = carry
+    mask = rel <= 0
+    if sliding_window is not None:
+        mask = mask & (rel > -sliding_window)
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    if slopes is not None:
+        s = s + slopes[None, :, :, None] * rel[:, None, None, :].astype(jnp.float32)
+    mask = mask[:, None, None, :]
+    s = jnp.where(mask, s, MASK_VALUE)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + weighted_values(p)
 
 
 def paged_decode_attention_reference(

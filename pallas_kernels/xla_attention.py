@@ -18,7 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.reference import MASK_VALUE, paged_attention_reference
+from pallas_kernels.reference import (
+    online_softmax_init, online_softmax_update, paged_attention_reference)
 
 # Measured on a 2-core CPU with SmolLM2-135M (benchmarks/cpu_path.py): 128-token query
 # tiles against 256-token key chunks keep the products large enough for the CPU's
@@ -93,31 +94,16 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, token_seq_ids, positi
         qg = q_tile.astype(jnp.float32).reshape(tile, num_kv_heads, group, head_dim) * scale
 
         def body(c, carry):
-            m, l, acc = carry  # [t, K, G], [t, K, G], [t, K, G, D]
             blocks = jax.lax.dynamic_slice_in_dim(table, c * chunk_blocks, chunk_blocks)
             k = k_pages[:, blocks].astype(jnp.float32).reshape(num_kv_heads, chunk_len, head_dim)
             v = v_pages[:, blocks].astype(jnp.float32).reshape(num_kv_heads, chunk_len, head_dim)
             s = jnp.einsum("tkgd,kjd->tkgj", qg, k)  # [t, K, G, chunk]
             rel = (c * chunk_len + jnp.arange(chunk_len))[None, :] - pos[:, None]  # [t, chunk]
-            mask = rel <= 0
-            if sliding_window is not None:
-                mask = mask & (rel > -sliding_window)
-            if soft_cap is not None:
-                s = soft_cap * jnp.tanh(s / soft_cap)
-            if alibi_slopes is not None:
-                s = s + slopes[None, :, :, None] * rel[:, None, None, :].astype(jnp.float32)
-            mask = mask[:, None, None, :]
-            s = jnp.where(mask, s, MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-            correction = jnp.exp(m - m_new)
-            l_new = l * correction + p.sum(axis=-1)
-            acc_new = acc * correction[..., None] + jnp.einsum("tkgj,kjd->tkgd", p, v)
-            return m_new, l_new, acc_new
+            return online_softmax_update(carry, s, rel, lambda p: jnp.einsum("tkgj,kjd->tkgd", p, v),
+                                         sliding_window=sliding_window, soft_cap=soft_cap,
+                                         slopes=slopes if alibi_slopes is not None else None)
 
-        init = (jnp.full((tile, num_kv_heads, group), MASK_VALUE, jnp.float32),
-                jnp.zeros((tile, num_kv_heads, group), jnp.float32),
-                jnp.zeros((tile, num_kv_heads, group, head_dim), jnp.float32))
+        init = online_softmax_init(tile, num_kv_heads, group, head_dim)
         _, l, acc = jax.lax.fori_loop(lo // chunk_len, hi // chunk_len + 1, body, init)
         out = acc / jnp.maximum(l, 1e-30)[..., None]
         return out.reshape(tile, num_heads, head_dim).astype(q.dtype)
