@@ -212,23 +212,31 @@ def pallas_sweep(args, platform: str, bandwidth: float) -> list[dict]:
     return results
 
 
-def roofline_bytes_per_token(spec, itemsize: int, context: float) -> dict:
-    """Bytes one decode token must read, by part."""
+def expected_experts_hit(num_experts: int, top_k: int, num_tokens: int) -> float:
+    """Distinct experts a layer reads for ``num_tokens`` tokens under uniform routing (each
+    token picks ``top_k`` distinct experts): top_k for one token, all of them at batch 64."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** num_tokens)
+
+
+def roofline_bytes_per_token(spec, itemsize: int, context: float, batch: int = 1) -> dict:
+    """Bytes one decode step of ``batch`` sequences must read, by part (batch 1: one token)."""
     h, layers = spec.hidden_size, spec.num_layers
     attention = (h * (spec.q_size + 2 * spec.kv_size) + spec.q_size * h) * itemsize
-    experts = spec.num_experts_per_token * 3 * h * spec.intermediate_size * itemsize
+    hit = expected_experts_hit(spec.num_experts, spec.num_experts_per_token, batch)
+    experts = hit * 3 * h * spec.intermediate_size * itemsize
     router = h * spec.num_experts * itemsize
     norms = 2 * h * 4  # float32 scales... stored in the model dtype; a rounding error either way
     parts = {
         "attention_weights": layers * attention,
         "experts_read": layers * experts,
+        "experts_hit_per_layer": hit,
         "router": layers * router,
         "norms": layers * norms + h * 4,
         "lm_head": spec.vocab_size * h * itemsize,
-        "embedding_row": h * itemsize,
-        "kv_cache": 2 * layers * spec.kv_size * itemsize * context,
+        "embedding_rows": batch * h * itemsize,
+        "kv_cache": 2 * layers * spec.kv_size * itemsize * context * batch,
     }
-    parts["total"] = sum(parts.values())
+    parts["total"] = sum(v for k, v in parts.items() if k != "experts_hit_per_layer")
     return parts
 
 
@@ -263,8 +271,11 @@ def model_benchmarks(args, bandwidth: float, out: dict, save) -> dict:
             variant_spec = dataclasses.replace(spec, moe_impl=impl)
             graphdef, _ = loader.abstract_model(variant_spec, dtype, max_model_len)
             variant = dataclasses.replace(model, spec=variant_spec, graphdef=graphdef)
+            # Bucketed steps compiled on first use (what `LLM()` does): enforce_eager would
+            # compile every exact step shape, and the batch-64 stage's mixed prefill/decode
+            # steps then spent the whole call compiling (H200 run, 2026-11-30).
             options = dict(dtype=args.dtype, max_model_len=max_model_len, max_rolling_batch_size=args.batch,
-                           enforce_eager=True, max_rolling_batch_prefill_tokens=args.prefill_tokens)
+                           max_rolling_batch_prefill_tokens=args.prefill_tokens)
             options.update(dict(o.split("=", 1) for o in args.option))
             config = config_from_kwargs(None, **options)
             run["options"] = {k: str(v) for k, v in options.items()}
@@ -321,9 +332,15 @@ def model_benchmarks(args, bandwidth: float, out: dict, save) -> dict:
                         decode_time += dt
                     started.update(o.request_id for o in outs if o.new_token_ids)
                 elapsed = time.perf_counter() - t_all
+            # Roofline of an all-decoding step: every weight the batch's routing touches once,
+            # plus each sequence's KV at the mean context.
+            parts = roofline_bytes_per_token(spec, itemsize, args.input_len + args.output_len / 2, args.batch)
+            roofline_tps = args.batch * bandwidth / parts["total"]
+            decode_tps = decode_tokens / decode_time if decode_time else None
             run["batch"] = {"batch_size": args.batch, "output_tokens": total, "elapsed_s": elapsed,
-                            "tokens_per_s_overall": total / elapsed,
-                            "decode_tokens_per_s": decode_tokens / decode_time if decode_time else None}
+                            "tokens_per_s_overall": total / elapsed, "decode_tokens_per_s": decode_tps,
+                            "bytes_per_step": parts, "roofline_decode_tokens_per_s": roofline_tps,
+                            "fraction_of_roofline": decode_tps / roofline_tps if decode_tps else None}
             print(f"model moe_impl={impl}: batch-{args.batch} decode "
                   f"{run['batch']['decode_tokens_per_s'] or 0:.0f} tok/s, overall {total / elapsed:.0f} tok/s",
                   flush=True)

@@ -180,11 +180,23 @@ def default_pallas_config(num_rows: int, num_groups: int, k_dim: int, n_dim: int
     return dict(block_m=block_m, block_n=block_n, block_k=block_k, k_splits=k_splits)
 
 
+# Shared memory per block on Hopper (227 KiB); Triton keeps num_stages copies of the
+# lhs and rhs tiles there.
+SHARED_MEMORY_BYTES = 232448
+
+
+def pipeline_stages(block_m: int, block_n: int, block_k: int, itemsize: int, most: int = 3) -> int:
+    """Software-pipeline depth: up to ``most`` stages whose tiles fit shared memory (64-row
+    tiles at 256 x 128 need 240 KiB at 3 stages: over the limit on an H200, 2026-11-30)."""
+    per_stage = (block_m * block_k + block_k * block_n) * itemsize
+    return max(1, min(most, SHARED_MEMORY_BYTES // per_stage))
+
+
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "k_splits", "num_warps",
                                              "num_stages", "interpret"))
 def grouped_matmul_pallas(lhs, rhs, group_sizes, *, block_m: int | None = None, block_n: int | None = None,
                           block_k: int | None = None, k_splits: int | None = None, num_warps: int = 4,
-                          num_stages: int = 3, interpret: bool = False):
+                          num_stages: int | None = None, interpret: bool = False):
     """The Pallas (Triton backend) grouped matmul; see the module docstring. Tuning
     values left None come from ``default_pallas_config``."""
     _check(lhs, rhs, group_sizes)
@@ -197,6 +209,7 @@ def grouped_matmul_pallas(lhs, rhs, group_sizes, *, block_m: int | None = None, 
     block_n = block_n or config["block_n"]
     block_k = block_k or config["block_k"]
     k_splits = k_splits or config["k_splits"]
+    num_stages = num_stages or pipeline_stages(block_m, block_n, block_k, lhs.dtype.itemsize)
     k_per_split = _cdiv(_cdiv(k_dim, k_splits), block_k) * block_k
     k_splits = _cdiv(k_dim, k_per_split)
     group, start, end = tile_schedule(group_sizes, num_rows, block_m)
@@ -224,6 +237,12 @@ def grouped_matmul_pallas(lhs, rhs, group_sizes, *, block_m: int | None = None, 
     return jnp.where(_row_is_grouped(num_rows, group_sizes)[:, None], out, 0).astype(lhs.dtype)
 
 
+# Jitted so that a model's 32 layers lower it once: Mosaic GPU's layout inference runs
+# in Python for every pallas_call it lowers (~2.7 s each at Mixtral shapes, H200 run
+# 2026-11-30: 64 un-jitted calls made the 2048-token step take ~3 minutes to lower), and
+# JAX emits one function for identical jitted calls.
+@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "max_concurrent_steps",
+                                             "grid_block_n"))
 def grouped_matmul_mosaic(lhs, rhs, group_sizes, *, block_m: int = 64, block_n: int = 128, block_k: int = 64,
                           max_concurrent_steps: int = 4, grid_block_n: int = 1):
     """JAX's Mosaic GPU ragged_dot (Hopper). It wants the groups to cover every row, so

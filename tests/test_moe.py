@@ -16,9 +16,11 @@ from lmidist_jax.models import loader, moe
 from lmidist_jax.models.weight_map import Expert, Part, WeightMap, expert, stacked_experts
 from lmidist_jax.parallel import make_mesh
 from pallas_kernels.grouped_matmul import (
+    SHARED_MEMORY_BYTES,
     grouped_matmul,
     grouped_matmul_pallas,
     grouped_matmul_reference,
+    pipeline_stages,
     tile_schedule,
 )
 
@@ -136,6 +138,17 @@ def test_tile_schedule_reads_only_experts_with_rows():
     assert not (np.asarray(end) > np.asarray(start)).any()
 
 
+def test_pipeline_stages_fit_shared_memory():
+    # 64-row bf16 tiles at 256 x 128 need 80 KiB a stage: three stages overflowed the
+    # H200's 227 KiB (a compile error at >= 512 tokens); decode's 16-row tiles keep three.
+    assert pipeline_stages(64, 256, 128, 2) == 2
+    assert pipeline_stages(16, 256, 128, 2) == 3
+    for block_m, block_n, block_k, itemsize in [(64, 256, 128, 2), (64, 256, 128, 4), (128, 256, 256, 4)]:
+        stages = pipeline_stages(block_m, block_n, block_k, itemsize)
+        assert stages >= 1
+        assert stages == 1 or stages * (block_m * block_k + block_k * block_n) * itemsize <= SHARED_MEMORY_BYTES
+
+
 def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="unknown grouped-matmul implementation 'cuda'"):
         grouped_matmul(jnp.zeros((2, 4)), jnp.zeros((1, 4, 4)), jnp.array([2]), impl="cuda")
@@ -146,6 +159,8 @@ def test_unknown_impl_is_refused():
     gpu = dict(platform_backend="triton", shape=(4096, 14336))
     assert moe.resolve_impl("auto", 2, **gpu) == "pallas"
     assert moe.resolve_impl("auto", 16, **gpu) == "ragged_dot"
+    assert moe.resolve_impl("auto", 128, **gpu) == "ragged_dot"  # batch-64 decode, top-2
+    assert moe.resolve_impl("auto", 256, **gpu) == "mosaic_gpu"
     assert moe.resolve_impl("auto", 1024, **gpu) == "mosaic_gpu"
     assert moe.resolve_impl("auto", 1024, platform_backend="triton", dtype=jnp.float32,
                             shape=(4096, 14336)) == "ragged_dot"

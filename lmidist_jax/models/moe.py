@@ -74,12 +74,13 @@ def resolve_impl(requested: str, num_rows: int, *, platform_backend: str, dtype=
     (embed, mlp) says whether the Mosaic GPU kernel's tiling fits.
 
     "auto": "dense" on CPU. On a GPU, what measured fastest at Mixtral-8x7B expert shapes
-    on an H200 (benchmarks/moe.py, 2026-11-30, gate/up + down ms): the Pallas kernel up to
-    AUTO_PALLAS_MAX_ROWS rows (1 token: 0.42 + 0.36 vs ragged_dot 0.62 + 0.41, which
-    reads every expert); jax.lax.ragged_dot up to AUTO_RAGGED_MAX_ROWS (8 tokens: 0.67 +
-    0.41 vs Mosaic 0.75 + 0.43, Pallas 0.78 + 0.49); beyond, Mosaic GPU's ragged_dot in
-    bf16/fp16 (512 tokens: 1.60 + 0.79 vs ragged_dot 2.68 + 1.58; 4096: 6.1 + 3.0 vs 20.3
-    + 10.0), ragged_dot otherwise.
+    on an H200 inside one jitted loop (benchmarks/moe.py, 2026-11-30, gate/up + down ms,
+    moe-kernels-*.json): the Pallas kernel up to AUTO_PALLAS_MAX_ROWS rows (1 token: 0.14 +
+    0.08 vs ragged_dot 0.45 + 0.24, which reads every expert); jax.lax.ragged_dot up to
+    AUTO_RAGGED_MAX_ROWS (8 tokens: 0.45 + 0.25 vs Pallas 0.47 + 0.25, Mosaic 0.56 + 0.29;
+    64 tokens: 0.47 + 0.26 vs Mosaic 0.52 + 0.30); beyond, Mosaic GPU's ragged_dot in
+    bf16/fp16 (512 tokens: 0.93 + 0.48 vs ragged_dot 2.45 + 1.28; 4096: 5.5 + 2.7 vs 19.6
+    + 9.6), ragged_dot otherwise. Between 128 and 1024 rows the crossover is not measured.
     """
     if requested not in MOE_IMPLS:
         raise ValueError(f"unknown moe_impl {requested!r}; expected one of {', '.join(MOE_IMPLS)}")
@@ -97,7 +98,7 @@ def resolve_impl(requested: str, num_rows: int, *, platform_backend: str, dtype=
 # "auto" on a GPU: the Pallas kernel up to this many (token, expert) rows, ragged_dot up
 # to AUTO_RAGGED_MAX_ROWS, then the Mosaic GPU kernel (see resolve_impl).
 AUTO_PALLAS_MAX_ROWS = 8
-AUTO_RAGGED_MAX_ROWS = 64
+AUTO_RAGGED_MAX_ROWS = 128
 
 
 def dense_experts(x, weights, experts, valid, w_gate_up, w_down, act):
