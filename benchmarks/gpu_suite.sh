@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call = one run of this script: the GPU checks and benchmarks, logs and
 # JSON results under $OUT (or benchmarks/results/gpu when run elsewhere).
-#   bash benchmarks/gpu_suite.sh [stage ...]   stages: kernels latency throughput compare_hf tp
+#   bash benchmarks/gpu_suite.sh [stage ...]   stages: kernels latency throughput compare_hf tp spec_decode ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu}"
@@ -32,6 +32,8 @@ for stage in "${stages[@]}"; do
                --input-len 128 --output-len 256 --option decode_steps=8 ;;
     latency1) run latency1 300 python3 benchmarks/latency.py --shape llama3-8b --dtype bf16 \
                --input-len 128 --output-len 256 --option decode_steps=1 --name latency-k1 ;;
+    spec_decode) run spec_decode 570 python3 benchmarks/spec_decode.py --shape llama3-8b --dtype bf16 \
+               --input-len 128 --output-len 256 --k 4 --draft-layers 2 ;;
     throughput) run throughput 540 python3 benchmarks/throughput.py --shape llama3-8b --dtype bf16 \
                --num-requests 1000 --input-len 1024 --output-len 128 --option max_rolling_batch_size=256 \
                --option max_rolling_batch_prefill_tokens=8192 --option max_model_len=2048 --option decode_steps=8 ;;

@@ -63,10 +63,14 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, adapters: str | Seq[str | None] | None = None) -> list[RequestOutput]:
         """Generate for each prompt (a string, or a list of token ids). Returns one
         RequestOutput per prompt, in order. An invalid prompt (too long, bad ids) gets
-        an output with ``error`` set and finish_reason "error"; the others run normally."""
+        an output with ``error`` set and finish_reason "error"; the others run normally.
+
+        ``adapters``: a registered LoRA adapter name for every prompt, or a list with a
+        name (or None: the base model) per prompt. An unknown name raises ValueError
+        before anything runs."""
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         prompts = list(prompts)
@@ -76,17 +80,18 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        adapter_list = self._adapter_list(adapters, len(prompts))
 
         if self.is_follower:
             raise RuntimeError("generate() runs on process 0; this process follows its steps")
         engine = self.engine
         results: dict[str, RequestOutput] = {}
         order = []
-        for prompt, params in zip(prompts, params_list):
+        for prompt, params, adapter in zip(prompts, params_list, adapter_list):
             request_id = f"gen-{next(self._ids)}"
             order.append(request_id)
             try:
-                engine.add_request(request_id, prompt, params, stream=False)
+                engine.add_request(request_id, prompt, params, stream=False, adapter=adapter)
             except RequestError as e:
                 results[request_id] = _error_output(request_id, prompt, str(e))
 
@@ -105,12 +110,44 @@ class LLM:
 
     def chat(self, messages: Seq[Message] | Seq[Seq[Message]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True,
+             adapters: str | Seq[str | None] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} messages)
-        or to several, through the model's chat template."""
+        or to several, through the model's chat template. ``adapters``: as in `generate`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        adapters = self._adapter_list(adapters, len(conversations))  # checked before templating
         prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, adapters=adapters)
+
+    # -- LoRA adapters -------------------------------------------------------------------
+
+    def add_adapter(self, name: str, path) -> dict:
+        """Registers the PEFT LoRA adapter in directory ``path`` (adapter_config.json and
+        adapter_model.safetensors or .bin) as ``name``; needs ``enable_lora=True``. Raises
+        ValueError naming what is wrong (and changes nothing) if it does not fit the model."""
+        return self.engine.add_adapter(name, str(path))
+
+    def remove_adapter(self, name: str) -> None:
+        self.engine.remove_adapter(name)
+
+    def list_adapters(self) -> list[dict]:
+        """The registered adapters: name, source directory, rank, target modules, where held."""
+        return self.engine.list_adapters()
+
+    def _adapter_list(self, adapters, count: int) -> list[str | None]:
+        if adapters is None or isinstance(adapters, str):
+            names = [adapters] * count
+        else:
+            names = list(adapters)
+            if len(names) != count:
+                raise ValueError(f"got {len(names)} adapters for {count} prompts: pass one name for all, or a "
+                                 f"name or None per prompt")
+        for name in dict.fromkeys(names):
+            try:
+                self.engine.check_adapter(name)
+            except RequestError as e:
+                raise ValueError(str(e)) from None
+        return names
 
     def apply_chat_template(self, messages: Seq[Message], add_generation_prompt: bool = True) -> list[int]:
         return self.engine.encode_chat(messages, add_generation_prompt)

@@ -51,6 +51,9 @@ class RequestOutput:
     error: str | None = None
     prompt_logprobs: list[float | None] | None = None  # on the final output, when asked for
     num_cached_tokens: int = 0
+    # With a draft model, on the final output: {"id", "mean_acceptance",
+    # "acceptance_history_len", "prompt_size", "output_size"} (engine/spec_decode.py).
+    spec_decode: dict | None = None
 
     # Convenience for the common n=1 case.
     @property

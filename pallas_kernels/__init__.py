@@ -6,6 +6,7 @@ runs (xla_attention.py) and Pallas GPU kernels.
   write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping)
   select_backend(platform, requested="auto") -> "xla" | "triton" | "mosaic_gpu"
   grouped_matmul.grouped_matmul(lhs, rhs, group_sizes, *, impl)   mixture-of-experts grouped GEMM
+  w4a16.quant_matmul(x, qweight, scales, zeros, lut, *, impl)     AWQ / GPTQ / SqueezeLLM packed matmul
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import jax  # noqa: E402
 from lmidist_jax import LLM, SamplingParams  # noqa: E402
 from lmidist_jax.models.scoring import prompt_logits  # noqa: E402
 from lmidist_jax import parallel  # noqa: E402
+from lmidist_jax.models.loader import variables  # noqa: E402
 
 # Few buckets (decode 1/2/4, tokens 16/32): each TP degree compiles its own engine.
 OPTIONS = dict(dtype="fp32", max_model_len=128, block_size=4, num_kv_blocks=100, max_rolling_batch_size=4,
@@ -87,7 +88,10 @@ elif MODE == "families":
         llm = LLM(directory, tensor_parallel_degree=int(sys.argv[3]), warmup=False, **options)
         outs = llm.generate(spec["prompts"], SamplingParams(max_new_tokens=32, ignore_eos=True), use_tqdm=False)
         logits = prompt_logits(llm.engine.runner.model, spec["logit_ids"])
-        report[family] = dict(tokens=[o.token_ids for o in outs], logits=logits.tolist())
+        # Placement of layer 0's parameters ("attn.o_proj.kernel" -> "('tp', None)").
+        shardings = {".".join(map(str, path[2:])): str(tuple(var[...].sharding.spec))
+                     for path, var in variables(llm.engine.runner.model.state).items() if path[:2] == ("layers", 0)}
+        report[family] = dict(tokens=[o.token_ids for o in outs], logits=logits.tolist(), shardings=shardings)
         llm.shutdown()
         del llm
     print("REPORT " + json.dumps(report))

@@ -46,6 +46,7 @@ CASES = {
     "max_lora_rank": ("32", 32, {"enable_lora": "true"}),
     "lora_extra_vocab_size": ("0", 0, {"enable_lora": "true"}),
     "max_cpu_loras": ("8", 8, {"enable_lora": "true"}),
+    "adapter_roots": ("/srv/adapters,/data", "/srv/adapters,/data", {}),
     "dtype": ("bfloat16", "bf16", {}),
     "trust_remote_code": ("true", True, {}),
     "enable_prefix_caching": ("true", True, {}),
@@ -325,6 +326,7 @@ def test_lora_with_speculative_decoding_is_refused():
         build({"enable_lora": "true", "speculative_draft_model": "draft"})
     message = str(info.value)
     assert "enable_lora=true" in message and "speculative_draft_model=draft" in message
+    assert "Cannot enable lora and speculative decoding at the same time" in message
     assert build({"enable_lora": "false", "speculative_draft_model": "draft"}).speculative_draft_model == "draft"
 
 
@@ -350,15 +352,13 @@ def test_missing_properties_file(tmp_path):
 NOT_YET = [
     # option, value, shown in the message, its default as text, a bad setting (own message)
     ("quantize", "awq", "awq", "none", {"quantize": "fp8"}),
-    ("speculative_draft_model", "org/draft", "org/draft", "none",
-     {"speculative_draft_model": "org/draft", "enable_lora": "true"}),
-    ("enable_lora", "True", "true", "false", {"enable_lora": "on"}),
 ]
 
 
 @pytest.mark.parametrize("name,value,shown,default,bad", NOT_YET, ids=[n[0] for n in NOT_YET])
 def test_not_yet_supported(monkeypatch, name, value, shown, default, bad):
-    monkeypatch.setattr(options_module, "NOT_YET_SUPPORTED", set(SHIPPED_NOT_YET_SUPPORTED))
+    # The mechanism, on an option that once went through it (every feature has landed).
+    monkeypatch.setattr(options_module, "NOT_YET_SUPPORTED", {name})
     with pytest.raises(ConfigError, match=f"option.{name}={shown} is not yet supported by lmidist-jax"):
         build({name: value})
     build({name: default})
@@ -366,12 +366,12 @@ def test_not_yet_supported(monkeypatch, name, value, shown, default, bad):
         build(bad)  # validated before the refusal
     assert "not yet supported" not in str(info.value)
     # Shrinking the set lifts the refusal.
-    monkeypatch.setattr(options_module, "NOT_YET_SUPPORTED", SHIPPED_NOT_YET_SUPPORTED - {name})
+    monkeypatch.setattr(options_module, "NOT_YET_SUPPORTED", set())
     build({name: value})
 
 
 def test_shipped_not_yet_supported_set():
-    assert SHIPPED_NOT_YET_SUPPORTED == {"quantize", "speculative_draft_model", "enable_lora"}
+    assert SHIPPED_NOT_YET_SUPPORTED == set()  # quantized checkpoints and LoRA adapters have landed
     assert SHIPPED_TENSOR_PARALLEL_SUPPORTED is True  # tensor parallelism has landed
 
 

@@ -544,7 +544,7 @@ class FailingEngine:
     def encode_chat(self, messages, add_generation_prompt=True, tokenizer=None):
         return [1, 2]
 
-    def add_request(self, request_id, prompt, params=None, stream=True, prompt_token_ids=None):
+    def add_request(self, request_id, prompt, params=None, stream=True, prompt_token_ids=None, adapter=None):
         self.requests[request_id] = []
 
     def abort(self, request_id):

@@ -32,16 +32,19 @@ max_model_len                       None          longest prompt + output (None:
 load_format                         auto          checkpoint format: auto, safetensors, pt
 enforce_eager                       False         do not compile the step functions ahead (no warm-up)
 gpu_memory_utilization              0.9           fraction of accelerator memory the engine may use (0, 1]
-quantize                            None          awq, gptq, squeezellm (not yet supported)
-speculative_draft_model             None          draft model for speculative decoding (not yet supported)
-draft_model_tp_size                 1             draft model's TP degree: 1 or tensor_parallel_degree
+quantize                            None          awq, gptq, squeezellm pre-quantized checkpoint
+                                                  (None: detected from the checkpoint)
+speculative_draft_model             None          draft model for speculative decoding (same vocabulary)
+draft_model_tp_size                 1             draft model's TP degree: 1 (whole on every device) or tp
 speculative_length                  5             tokens proposed per speculative step (>= 1)
-record_acceptance_rate              False         log the speculative acceptance rate
-enable_lora                         False         serve LoRA adapters (not yet supported)
+record_acceptance_rate              False         log each request's speculative acceptance record
+enable_lora                         False         serve PEFT LoRA adapters, many in one batch
 max_loras                           4             adapters in one batch (needs enable_lora)
 max_lora_rank                       16            largest adapter rank: 8, 16, 32, 64 (needs enable_lora)
 lora_extra_vocab_size               256           extra vocabulary of adapters (needs enable_lora)
 max_cpu_loras                       None          adapters kept in host memory, >= max_loras (needs enable_lora)
+adapter_roots                       None          comma-separated directories under which POST /models/<m>/adapters
+                                                  may read adapters (None: the model directory)
 dtype                               auto          fp32, fp16, bf16 (or float32, float16, bfloat16), auto = config's
 trust_remote_code                   False         accepted for LMI compatibility (no remote code is run)
 enable_prefix_caching               False         reuse the KV cache of shared prompt prefixes
@@ -91,7 +94,7 @@ class ConfigError(ValueError):
 
 # Options that are validated, then refused when set to a non-default value. Remove a name
 # once the engine implements the feature.
-NOT_YET_SUPPORTED: set[str] = {"quantize", "speculative_draft_model", "enable_lora"}
+NOT_YET_SUPPORTED: set[str] = set()
 
 # tensor_parallel_degree > 1 is refused while this is False (read at call time). While it
 # is False an unset tensor_parallel_degree means 1 instead of "max".
@@ -321,6 +324,7 @@ _PARSERS: dict[str, tuple[Callable, str]] = {
     "max_lora_rank": _int(choices=(8, 16, 32, 64)),
     "lora_extra_vocab_size": _int(minimum=0),
     "max_cpu_loras": _int(minimum=1, optional=True),
+    "adapter_roots": _str(),
     "dtype": _choice("auto", *DTYPES, synonyms=DTYPE_SYNONYMS),
     "trust_remote_code": _bool(),
     "enable_prefix_caching": _bool(),
@@ -371,6 +375,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     lora_extra_vocab_size: int = 256
     max_cpu_loras: int | None = None
+    adapter_roots: str | None = None
     dtype: str = "auto"
     trust_remote_code: bool = False
     enable_prefix_caching: bool = False
@@ -501,6 +506,10 @@ def _check_combinations(values: dict[str, Any], given: set[str], num_devices: in
     if draft_tp not in (1, tp):
         raise ConfigError(f"option.draft_model_tp_size={draft_tp} is not valid: accepted 1 or "
                           f"tensor_parallel_degree ({tp})")
+    if values["speculative_draft_model"] and values.get("decode_steps", 1) > 1:
+        # A speculative step already gives a sequence several tokens per dispatch.
+        raise ConfigError(f"option.decode_steps={values['decode_steps']} with option.speculative_draft_model is "
+                          f"not valid: accepted decode_steps=1 when a draft model is set")
 
     if not values["enable_lora"]:
         for name in LORA_OPTIONS:
@@ -510,9 +519,9 @@ def _check_combinations(values: dict[str, Any], given: set[str], num_devices: in
     else:
         if values["speculative_draft_model"]:
             raise ConfigError(
-                f"option.enable_lora=true with option.speculative_draft_model={values['speculative_draft_model']} "
-                f"is not valid: lmi-dist does not support LoRA adapters with speculative decoding; "
-                f"accepted one of the two")
+                f"Cannot enable lora and speculative decoding at the same time: option.enable_lora=true with "
+                f"option.speculative_draft_model={values['speculative_draft_model']} is not valid (as in "
+                f"lmi-dist); accepted one of the two")
         max_cpu = values["max_cpu_loras"]
         if max_cpu is not None and max_cpu < values["max_loras"]:
             raise ConfigError(f"option.max_cpu_loras={max_cpu} is not valid: accepted an integer >= "

@@ -86,14 +86,20 @@ class BlockManager:
     # -- prefix caching ---------------------------------------------------------
 
     @staticmethod
-    def block_hashes(token_ids: Seq[int], block_size: int, num_full_blocks: int) -> list[int]:
-        hashes, parent = [], 0
+    def root_hash(extra_key=None) -> int:
+        """Start of a sequence's hash chain: 0, or a hash of what else its KV depends on
+        (its LoRA adapter), so that sequences computed differently never share blocks."""
+        return 0 if extra_key is None else hash(("extra_key", extra_key))
+
+    @staticmethod
+    def block_hashes(token_ids: Seq[int], block_size: int, num_full_blocks: int, extra_key=None) -> list[int]:
+        hashes, parent = [], BlockManager.root_hash(extra_key)
         for i in range(num_full_blocks):
             parent = hash((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
             hashes.append(parent)
         return hashes
 
-    def match_prefix(self, token_ids: Seq[int], block_ids: list[int]) -> int:
+    def match_prefix(self, token_ids: Seq[int], block_ids: list[int], extra_key=None) -> int:
         """For a sequence with no blocks yet: take the cached blocks of its longest cached
         prefix. Returns the number of tokens they cover. At least one token is always
         left to compute (its logits are needed)."""
@@ -101,7 +107,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         max_blocks = (len(token_ids) - 1) // self.block_size
-        for h in self.block_hashes(token_ids, self.block_size, max_blocks):  # noqa: B007
+        for h in self.block_hashes(token_ids, self.block_size, max_blocks, extra_key):  # noqa: B007
             block = self._hash_to_block.get(h)
             if block is None:
                 break
@@ -112,7 +118,7 @@ class BlockManager:
         return len(block_ids) * self.block_size
 
     def cache_full_blocks(self, token_ids: Seq[int], block_ids: Seq[int], num_computed_tokens: int,
-                          hashes: list[int] | None = None) -> None:
+                          hashes: list[int] | None = None, extra_key=None) -> None:
         """Register the full, computed blocks of a sequence in the prefix cache.
 
         ``hashes`` (the sequence's block-hash chain so far) is extended in place, so each
@@ -124,7 +130,7 @@ class BlockManager:
         if hashes is None:
             hashes = []
         start = len(hashes)
-        parent = hashes[-1] if hashes else 0
+        parent = hashes[-1] if hashes else self.root_hash(extra_key)
         for i in range(start, num_full):
             parent = hash((parent, tuple(token_ids[i * bs:(i + 1) * bs])))
             hashes.append(parent)

@@ -68,6 +68,15 @@ class TokenizerPool:
             self._free.put(tok)
 
 
+def _lora_snapshot(lora) -> dict:
+    """LoRA adapter counts for /metrics (nothing when LoRA is off)."""
+    if lora is None:
+        return {}
+    st = lora.stats
+    return {"lora_adapters": len(lora.registry), "lora_registered": st.registered, "lora_removed": st.removed,
+            "lora_disk_reads": st.disk_reads, "lora_slot_loads": st.slot_loads}
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine, *, job_queue_size: int = 1000, num_tokenizers: int = 2):
         self.engine = engine
@@ -117,11 +126,14 @@ class EngineLoop:
             return "" if tok is None else tok.decode(list(token_ids), **kwargs)
 
     def submit(self, request_id: str, prompt: str | Seq[int],
-               params: SamplingParams | None = None, *, stream: bool = True) -> "RequestStream":
+               params: SamplingParams | None = None, *, stream: bool = True,
+               adapter: str | None = None) -> "RequestStream":
         """Queue a request; raises RequestError / QueueFullError / RuntimeError (shutting
         down, failed) before anything is queued. ``stream=False``: only the final output's
-        text matters (decoded once at the end)."""
+        text matters (decoded once at the end). ``adapter``: a registered LoRA adapter."""
         params = params or SamplingParams()
+        if adapter is not None:  # unknown, or LoRA off: refused before anything is queued
+            self.engine.check_adapter(adapter)
         with self._lock:
             self._check_admission()  # before tokenizing: a full server does no work
         with self.tokenizers.borrow() as tok:
@@ -134,9 +146,27 @@ class EngineLoop:
                 raise RequestError(f"request id {request_id!r} is already in use")
             self._queues[request_id] = q
             self._submitted_at[request_id] = self._steps_done
-            self._inbox.append(("add", request_id, text, ids, params, stream))
+            self._inbox.append(("add", request_id, text, ids, params, stream, adapter))
             self._wake.notify()
         return RequestStream(self, request_id, q)
+
+    def call(self, fn, timeout: float | None = None):
+        """Runs ``fn(engine)`` on the engine thread between two steps (the engine is never
+        touched by two threads) and returns its result, or raises what it raised. Used to
+        register and remove LoRA adapters while requests run."""
+        done, box = threading.Event(), {}
+        with self._lock:
+            if self.error is not None:
+                raise RuntimeError(f"the engine failed: {self.error}")
+            if self._stopped:
+                raise RuntimeError("the engine is shutting down")
+            self._inbox.append(("call", fn, done, box))
+            self._wake.notify()
+        if not done.wait(timeout):
+            raise TimeoutError(f"the engine did not run the call within {timeout} s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
 
     def abort(self, request_id: str) -> None:
         """Ends the request's stream at once; the engine frees its blocks before its next step."""
@@ -203,6 +233,10 @@ class EngineLoop:
             "kv_blocks_free": bm.num_free_blocks,
             "num_steps": self._steps_done,
             "num_preemptions": getattr(st, "num_preemptions", 0),
+            # With a draft model (engine/spec_decode.py): proposals made and accepted so far.
+            "spec_proposed_tokens": getattr(getattr(engine, "spec_stats", None), "num_proposed_tokens", 0),
+            "spec_accepted_tokens": getattr(getattr(engine, "spec_stats", None), "num_accepted_tokens", 0),
+            **_lora_snapshot(getattr(engine, "lora", None)),
         }
 
     def _apply(self, commands: list[tuple]) -> None:
@@ -210,10 +244,21 @@ class EngineLoop:
             if command[0] == "abort":
                 self.engine.abort(command[1])  # its final output finds no queue: dropped
                 continue
-            _, request_id, text, ids, params, stream = command
+            if command[0] == "call":
+                _, fn, done, box = command
+                try:
+                    box["result"] = fn(self.engine)
+                except Exception as e:  # handed to the caller
+                    box["error"] = e
+                snapshot = self._engine_snapshot()  # /metrics sees the change at once
+                with self._lock:
+                    self._snapshot = {**snapshot, "num_steps": self._steps_done}
+                done.set()
+                continue
+            _, request_id, text, ids, params, stream, adapter = command
             try:
                 self.engine.add_request(request_id, text if text is not None else ids, params,
-                                        stream=stream, prompt_token_ids=ids)
+                                        stream=stream, prompt_token_ids=ids, adapter=adapter)
             except RequestError as e:  # checked in submit already; kept for safety
                 with self._lock:
                     q = self._queues.pop(request_id, None)

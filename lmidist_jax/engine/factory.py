@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from .. import parallel
 from ..models.loader import load_model
-from ..models.families import map_checkpoint, spec_from_hf_config
+from ..models.families import spec_from_hf_config
 from .llm_engine import LLMEngine
 from .model_runner import ModelRunner, kv_cache_bytes_per_block
 
@@ -69,9 +69,9 @@ def load_tokenizer(model_dir):
 
 
 def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEngine:
-    from converters.checkpoint import iter_checkpoint_tensors, load_config, parse_dtype
+    from converters.checkpoint import load_config, parse_dtype
     from converters import orbax_cache
-    from ..models import converted_cache
+    from ..models import converted_cache, quantized
     from ..model_store import DEFAULT_MODEL, resolve_model
 
     start = time.perf_counter()
@@ -79,6 +79,10 @@ def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEn
     model_dir = resolve_model(config.model_id or DEFAULT_MODEL, config.revision)
     hf_config = load_config(model_dir)
     spec = spec_from_hf_config(hf_config)
+    # AWQ / GPTQ / SqueezeLLM: detected from the checkpoint (or checked against option.quantize);
+    # the spec then names the registered quantized linear kind.
+    spec, quantization = quantized.configure(spec, model_dir, hf_config, getattr(config, "quantize", None),
+                                             config.tensor_parallel_degree)
     dtype = jnp.dtype(parse_dtype(config.dtype, hf_config))
 
     max_model_len = config.max_model_len or spec.max_model_len
@@ -90,8 +94,8 @@ def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEn
     if orbax_cache.is_converted_dir(model_dir):
         model = converted_cache.load_converted(spec, model_dir, dtype=dtype, mesh=mesh, max_model_len=max_model_len)
     else:
-        tensors = iter_checkpoint_tensors(model_dir, config.load_format, progress=progress)
-        model = load_model(spec, map_checkpoint(spec, tensors), dtype=dtype, mesh=mesh,
+        tensors = quantized.checkpoint_tensors(model_dir, config.load_format, quantization, progress=progress)
+        model = load_model(spec, quantized.map_checkpoint(spec, tensors, quantization), dtype=dtype, mesh=mesh,
                            max_model_len=max_model_len)
     load_time = time.perf_counter() - start
     save_dir = getattr(config, "save_converted", None)
@@ -99,22 +103,42 @@ def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEn
         converted_cache.save_converted(model, hf_config, save_dir, tokenizer_dir=model_dir)
         logger.info("saved the converted parameters to %s", save_dir)
     tokenizer = load_tokenizer(model_dir)
+    draft = None
+    if getattr(config, "speculative_draft_model", None):
+        from .spec_decode import load_draft_model
+
+        draft = load_draft_model(config, model, tokenizer, max_model_len=max_model_len, progress=progress)
     engine = engine_for_model(model, tokenizer, config, max_model_len=max_model_len,
-                              warmup=warmup, progress=progress)
+                              warmup=warmup, progress=progress, draft=draft)
+    if getattr(config, "enable_lora", False):
+        from .lora_manager import register_model_adapters
+
+        register_model_adapters(engine, model_dir)
     logger.info("model %s loaded in %.1f s, ready in %.1f s", model_dir, load_time,
                 time.perf_counter() - start)
     return engine
 
 
 def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bool = True,
-                     progress: bool = True) -> LLMEngine:
-    """Sizes the KV cache for an already-loaded model, compiles, and returns the engine."""
+                     progress: bool = True, draft=None) -> LLMEngine:
+    """Sizes the KV cache for an already-loaded model, compiles, and returns the engine.
+    ``draft``: a loaded draft model for speculative decoding (engine/spec_decode.py)."""
     configure_compilation_cache(config.compilation_cache_dir)
+    if getattr(config, "enable_lora", False):
+        from ..models.lora_linear import with_lora
+        from . import multihost
+
+        if multihost.is_multiprocess():
+            # Adapter slots are written by the leader only; followers would run stale ones.
+            raise EngineConfigError("option.enable_lora=true is not supported with several processes "
+                                    "(jax.distributed) yet: accepted on one host (any tensor_parallel_degree)")
+        # max_loras slots for adapters + slot 0 (no adapter), as model state.
+        model = with_lora(model, config.max_loras + 1, config.max_lora_rank, max_model_len)
     spec = model.spec
     block_size = config.block_size
     max_num_seqs = config.max_rolling_batch_size
     max_num_batched_tokens = config.max_rolling_batch_prefill_tokens or min(DEFAULT_PREFILL_TOKENS, max_model_len)
-    num_blocks = _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_tokens)
+    num_blocks = _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_tokens, draft)
     min_blocks = math.ceil(max_model_len / block_size) + 1
     if num_blocks < min_blocks:
         raise EngineConfigError(
@@ -127,6 +151,26 @@ def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bo
                          backend=backend, max_logprobs=config.max_logprobs,
                          enforce_eager=config.enforce_eager,
                          decode_steps=getattr(config, "decode_steps", 1) or 1)
+    if getattr(config, "enable_lora", False):
+        from .lora_manager import LoraManager
+
+        runner.lora = LoraManager(model, max_loras=config.max_loras, max_rank=config.max_lora_rank,
+                                  max_cpu_loras=config.max_cpu_loras)
+    if draft is not None:
+        from .spec_decode import SpecDecodeEngine
+
+        engine = SpecDecodeEngine(
+            runner, draft, tokenizer, speculative_length=config.speculative_length,
+            record_acceptance_rate=config.record_acceptance_rate, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching, max_logprobs=config.max_logprobs,
+            eos_token_ids=spec.eos_token_ids, seed=config.seed)
+        if warmup:  # the speculative step replaces the plain one: only its buckets are compiled
+            t = time.perf_counter()
+            engine.spec_runner.warmup(progress=progress)
+            logger.info("compiled %d speculative step buckets in %.1f s", engine.spec_runner.num_compiled_steps,
+                        time.perf_counter() - t)
+        return engine
     if warmup:
         t = time.perf_counter()
         runner.warmup(progress=progress)
@@ -169,8 +213,10 @@ def _attention_backend(requested: str) -> str:
     return select_backend(jax.devices()[0].platform, requested)
 
 
-def _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_tokens) -> int:
+def _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_tokens, draft=None) -> int:
     per_block = kv_cache_bytes_per_block(model.spec, config.block_size, model.dtype)
+    if draft is not None:  # the draft's cache has a block for every block of the target's
+        per_block += kv_cache_bytes_per_block(draft.spec, config.block_size, draft.dtype)
     if config.num_kv_blocks:
         return config.num_kv_blocks
     if config.kv_cache_memory_gb:
@@ -186,7 +232,7 @@ def _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_t
     # Accelerator: utilization x capacity - weights (already resident) - activation peak.
     limit = stats["bytes_limit"]
     in_use = stats.get("bytes_in_use", 0)
-    activation = _activation_peak_bytes(model, config, max_model_len, max_num_seqs, max_num_batched_tokens)
+    activation = _activation_peak_bytes(model, config, max_model_len, max_num_seqs, max_num_batched_tokens, draft)
     free = config.gpu_memory_utilization * limit - in_use - activation
     # The pool is split across the TP devices by KV heads: each holds 1/tp of a block.
     num = int(free * config.tensor_parallel_degree // per_block)
@@ -195,7 +241,7 @@ def _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_t
     return max(num, 0)
 
 
-def _activation_peak_bytes(model, config, max_model_len, max_num_seqs, max_num_batched_tokens) -> int:
+def _activation_peak_bytes(model, config, max_model_len, max_num_seqs, max_num_batched_tokens, draft=None) -> int:
     """Temporary memory of the largest step, measured from its compiled form with a
     small stand-in cache (the temporaries do not grow with the pool)."""
     probe = ModelRunner(model, block_size=config.block_size,
@@ -210,5 +256,9 @@ def _activation_peak_bytes(model, config, max_model_len, max_num_seqs, max_num_b
         analysis = compiled.memory_analysis()
         if analysis is not None:
             peak = max(peak, int(analysis.temp_size_in_bytes))
+    if draft is not None:  # the speculative step replaces the plain one (and holds the draft's q rows)
+        from .spec_decode import spec_step_temp_bytes
+
+        peak = max(peak, spec_step_temp_bytes(probe, draft, config.speculative_length))
     del probe
     return peak

@@ -46,8 +46,10 @@ class LLMEngine:
         self.max_logprobs = max_logprobs
         self.eos_token_ids = set(eos_token_ids)
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
+        self.lora = runner.lora  # LoraManager, or None when LoRA is off
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens)
+                                   max_num_batched_tokens=max_num_batched_tokens,
+                                   max_loras=self.lora.max_loras if self.lora is not None else None)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._finished_outputs: list[RequestOutput] = []
@@ -137,22 +139,25 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | Seq[int],
                     sampling_params: SamplingParams | None = None, *, stream: bool = True,
-                    prompt_token_ids: Seq[int] | None = None) -> Request:
+                    prompt_token_ids: Seq[int] | None = None, adapter: str | None = None) -> Request:
         """Queue a request. Raises RequestError (and changes nothing) if it is invalid.
 
         ``stream=False`` skips per-token text deltas: the text is decoded once when the
         request finishes (stop strings still detokenize as they go). ``prompt_token_ids``:
-        the prompt already tokenized (``prompt`` is then only its text, or the same ids)."""
+        the prompt already tokenized (``prompt`` is then only its text, or the same ids).
+        ``adapter``: the name of a registered LoRA adapter (None: the base model)."""
         params = sampling_params or SamplingParams()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
+        adapter_uid = self.check_adapter(adapter)
         if prompt_token_ids is not None:
             text, ids = (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
         else:
             text, ids = self.encode(prompt)
         self.validate(ids, params)
         request = Request(request_id, text, ids, params,
-                          incremental_text=stream or bool(params.stop_sequences))
+                          incremental_text=stream or bool(params.stop_sequences),
+                          adapter=adapter, adapter_uid=adapter_uid)
         if params.prompt_logprobs:
             request.prompt_logprobs = [None] * len(ids)
         base_seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
@@ -163,6 +168,47 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = request
         return request
+
+    # -- LoRA adapters -----------------------------------------------------------------
+
+    def check_adapter(self, adapter: str | None) -> int | None:
+        """The registration id of ``adapter`` (None for None); RequestError if it is unknown
+        or LoRA is off."""
+        if adapter is None:
+            return None
+        if self.lora is None:
+            raise RequestError(f"adapter {adapter!r} was requested, but LoRA adapters are not enabled on this "
+                               f"engine (option enable_lora=true)")
+        if not isinstance(adapter, str) or adapter not in self.lora.registry:
+            raise RequestError(self.lora.unknown_message(adapter))
+        return self.lora.registry[adapter].uid
+
+    def _require_lora(self):
+        if self.lora is None:
+            raise RequestError("LoRA adapters are not enabled on this engine (option enable_lora=true)")
+        return self.lora
+
+    def add_adapter(self, name: str, path: str) -> dict:
+        """Registers the PEFT LoRA adapter in directory ``path`` as ``name``. Raises
+        AdapterError (nothing changes) if it cannot be used with this model."""
+        lora = self._require_lora()
+        lora.add(name, path)
+        return lora.describe(name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregisters ``name``; refused while unfinished requests use it."""
+        from ..models.peft_adapter import AdapterError
+
+        lora = self._require_lora()
+        lora.get(name)
+        users = sorted(r.request_id for r in self.requests.values() if r.adapter == name)
+        if users:
+            raise AdapterError(f"adapter {name!r} is in use by {len(users)} unfinished request(s) "
+                               f"({', '.join(users[:4])}); remove it once they finish")
+        lora.remove(name)
+
+    def list_adapters(self) -> list[dict]:
+        return [] if self.lora is None else self.lora.list()
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks. Returns False if it is unknown or done."""
@@ -235,25 +281,8 @@ class LLMEngine:
                 seq = item.seq
                 if not samples[i] or seq.is_finished:
                     continue  # a partial prefill chunk, or tokens past a stop
-                token = int(token_ids[i])
-                request = seq.request
-                params = request.sampling_params
-                if request.first_token_time is None:
-                    request.first_token_time = now
-                seq.token_ids.append(token)
-                self.stats.num_generated_tokens += 1
-                logprob = float(logprobs[i])
-                seq.cumulative_logprob += logprob
-                entry = None
-                if params.logprobs or params.top_n_tokens:
-                    top = [(int(t), float(lp), self._token_text(int(t)))
-                           for t, lp in zip(top_ids[i][:params.top_n_tokens],
-                                            top_logprobs[i][:params.top_n_tokens])]
-                    entry = TokenLogprob(token, logprob, self._token_text(token), top)
-                    seq.output_logprobs.append(entry)
-                new_tokens.setdefault(request.request_id, {}).setdefault(seq.index, []).append(
-                    (token, entry))
-                self._check_stop(seq, token)
+                self._append_token(seq, int(token_ids[i]), float(logprobs[i]), top_ids[i], top_logprobs[i],
+                                   now, new_tokens)
 
         outputs = []
         for request_id, per_seq in new_tokens.items():
@@ -265,6 +294,26 @@ class LLMEngine:
                 request.finish_time = now
                 del self.requests[request_id]
         return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float, top_ids, top_logprobs, now: float,
+                      new_tokens: dict[str, dict[int, list]]) -> None:
+        """Appends one sampled token to ``seq`` (logprobs, stop checks) and records it in
+        ``new_tokens`` (request id -> sequence index -> [(token, logprob entry)])."""
+        request = seq.request
+        params = request.sampling_params
+        if request.first_token_time is None:
+            request.first_token_time = now
+        seq.token_ids.append(token)
+        self.stats.num_generated_tokens += 1
+        seq.cumulative_logprob += logprob
+        entry = None
+        if params.logprobs or params.top_n_tokens:
+            top = [(int(t), float(lp), self._token_text(int(t)))
+                   for t, lp in zip(top_ids[:params.top_n_tokens], top_logprobs[:params.top_n_tokens])]
+            entry = TokenLogprob(token, logprob, self._token_text(token), top)
+            seq.output_logprobs.append(entry)
+        new_tokens.setdefault(request.request_id, {}).setdefault(seq.index, []).append((token, entry))
+        self._check_stop(seq, token)
 
     def _token_text(self, token: int) -> str:
         """One token's text (for logprob entries); cached: top-n asks for up to 21 per token."""

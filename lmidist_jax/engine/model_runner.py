@@ -118,6 +118,9 @@ class ModelRunner:
         self.token_buckets = _pow2_buckets(max_num_batched_tokens, start=16)
         self.num_compiled_steps = 0
         self.lazily_compiled: set[tuple[int, int, bool]] = set()  # buckets first compiled by a step
+        # LoRA adapters (engine.lora_manager.LoraManager) when enabled: each token then
+        # carries its adapter's slot in md.lora_slots.
+        self.lora = None
 
         self.kv_caches = self._allocate_kv_cache()
         vocab = self.spec.vocab_size
@@ -241,6 +244,8 @@ class ModelRunner:
         next prompt token's logprob is wanted."""
         decode_only = sched.is_decode_only
         T, S = self.shapes_for(sched.num_tokens, len(sched.scheduled), decode_only)
+        if self.lora is not None:  # the step's adapters into device slots
+            self.lora.activate({item.seq.request.adapter for item in sched.scheduled})
         builder = StepBatchBuilder(self, T, S)
         prompt_spans = []
         for row, item in enumerate(sched.scheduled):
@@ -294,6 +299,8 @@ class ModelRunner:
     def warmup(self, progress: bool = True, threads: int | None = None) -> None:
         """Compile every bucket ahead of time, several at once (XLA compiles in parallel
         threads), then run each once on padding (writes go to trash block 0)."""
+        if self.lora is not None:
+            self.lora.warmup()
         if self.enforce_eager:
             return
         import concurrent.futures
@@ -329,7 +336,8 @@ class StepBatchBuilder:
     def __init__(self, runner: ModelRunner, num_tokens: int, num_seqs: int):
         self.runner = runner
         T, S, trash = num_tokens, num_seqs, runner.trash_slot
-        self.metadata = StepMetadataBuilder(T, S, runner.max_blocks_per_seq, runner.block_size)
+        self.metadata = StepMetadataBuilder(T, S, runner.max_blocks_per_seq, runner.block_size,
+                                            lora=runner.lora is not None)
         self.input_ids = np.zeros(T, np.int32)
         self.token_is_output = np.zeros(T, np.bool_)
         self.token_slots = np.full(T, trash, np.int32)
@@ -348,7 +356,12 @@ class StepBatchBuilder:
         start, n = seq.num_computed_tokens, num_new_tokens
         tokens = self.metadata.add_sequence(row, seq.block_ids, start, n)
         t = tokens.start
-        self.input_ids[tokens] = seq.token_ids[start:start + n]
+        if self.runner.lora is not None:
+            self.metadata.lora_slots[tokens] = self.runner.lora.slot(seq.request.adapter)
+        # Speculative rows run past the known tokens: the draft's proposals are put into
+        # the remaining places on the device (engine/spec_decode.py).
+        known = seq.token_ids[start:start + n]
+        self.input_ids[t:t + len(known)] = known
         self.token_is_output[tokens] = np.arange(start, start + n) >= seq.num_prompt_tokens
         self.slots[row] = seq.slot
         p = seq.request.sampling_params

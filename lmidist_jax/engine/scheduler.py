@@ -43,8 +43,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 num_slots: int | None = None):
+                 num_slots: int | None = None, max_loras: int | None = None):
         self.block_manager = block_manager
+        # At most this many distinct LoRA adapters among running sequences (None: no LoRA).
+        self.max_loras = max_loras
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -61,7 +63,7 @@ class Scheduler:
         """Remove a finished or aborted sequence and free its blocks (publishing its full
         blocks to the prefix cache first)."""
         self.block_manager.cache_full_blocks(seq.token_ids, seq.block_ids, seq.num_computed_tokens,
-                                             seq.block_hashes)
+                                             seq.block_hashes, extra_key=seq.request.adapter_uid)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -108,12 +110,22 @@ class Scheduler:
             budget -= n
             i += 1
 
-        # 2. Waiting sequences, FCFS, when nothing had to be preempted this step.
+        # 2. Waiting sequences, FCFS, when nothing had to be preempted this step. A sequence
+        # whose LoRA adapter would exceed max_loras distinct adapters waits (in place) for
+        # a later step; those behind it may go first.
+        adapters = {s.request.adapter for s in self.running} - {None}
+        skipped: list[Sequence] = []
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
+            adapter = seq.request.adapter
+            if (self.max_loras is not None and adapter is not None and adapter not in adapters
+                    and len(adapters) >= self.max_loras):
+                skipped.append(self.waiting.popleft())
+                continue
             if not seq.block_ids and seq.num_computed_tokens == 0:
-                cached = bm.match_prefix(seq.token_ids, seq.block_ids) if self._may_use_prefix_cache(seq) else 0
+                cached = (bm.match_prefix(seq.token_ids, seq.block_ids, extra_key=seq.request.adapter_uid)
+                          if self._may_use_prefix_cache(seq) else 0)
                 seq.num_computed_tokens = cached
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if bm.blocks_needed(seq.block_ids, seq.num_computed_tokens + n) > bm.num_free_blocks:
@@ -129,6 +141,9 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
+            if adapter is not None:
+                adapters.add(adapter)
+        self.waiting.extendleft(reversed(skipped))
         return SchedulerOutput(scheduled, preempted)
 
     @staticmethod
@@ -167,4 +182,5 @@ class Scheduler:
             seq.num_computed_tokens += item.num_new_tokens + num_steps - 1
             if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.cache_full_blocks(seq.token_ids, seq.block_ids,
-                                                     seq.num_computed_tokens, seq.block_hashes)
+                                                     seq.num_computed_tokens, seq.block_hashes,
+                                                     extra_key=seq.request.adapter_uid)

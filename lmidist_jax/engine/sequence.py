@@ -81,6 +81,10 @@ class Request:
     incremental_text: bool = True
     # With SamplingParams.prompt_logprobs: [num_prompt_tokens], None for the first token.
     prompt_logprobs: list[float | None] | None = None
+    # LoRA adapter name (None: the base model) and its registration's unique id, which
+    # keys the prefix cache (a re-registered name gets a new id).
+    adapter: str | None = None
+    adapter_uid: int | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -25,6 +25,8 @@ class StepMetadata:
     block_tables: jax.Array    # [S, W] int32
     seq_lens: jax.Array        # [S] int32 context length after this step (0 for padding)
     logits_indices: jax.Array  # [S] int32 token index whose logits each sequence samples from
+    # [T] int32 LoRA adapter slot of each token (0 = none); None when LoRA is off.
+    lora_slots: jax.Array | None = None
     # Static: every sequence has exactly one new token at position seq_len - 1 and
     # tokens are ordered like sequences (T == S). Selects the decode kernel.
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
@@ -35,8 +37,10 @@ class StepMetadataBuilder:
     """Fills the metadata of a step of ``num_tokens`` x ``num_seqs`` (padding included)
     one sequence at a time; what is not filled stays padding."""
 
-    def __init__(self, num_tokens: int, num_seqs: int, max_blocks: int, block_size: int):
+    def __init__(self, num_tokens: int, num_seqs: int, max_blocks: int, block_size: int,
+                 lora: bool = False):
         self.block_size = block_size
+        self.lora_slots = np.zeros(num_tokens, np.int32) if lora else None
         self.positions = np.zeros(num_tokens, np.int32)
         self.slot_mapping = np.zeros(num_tokens, np.int32)  # padding writes into trash block 0
         self.token_seq_ids = np.full(num_tokens, num_seqs - 1, np.int32)
@@ -62,4 +66,5 @@ class StepMetadataBuilder:
 
     def build(self, *, decode_only: bool = False, backend: str = "xla") -> StepMetadata:
         return StepMetadata(self.positions, self.slot_mapping, self.token_seq_ids, self.block_tables,
-                            self.seq_lens, self.logits_indices, decode_only=decode_only, backend=backend)
+                            self.seq_lens, self.logits_indices, lora_slots=self.lora_slots,
+                            decode_only=decode_only, backend=backend)

@@ -11,6 +11,7 @@ GET  /ping                         200 when the engine is ready, 503 while warmi
                                    or after it failed
 GET  /models, GET /v1/models       the one model (DJL-style / OpenAI-style)
 GET  /metrics                      Prometheus text (see ``metrics.py``)
+/models/<model>/adapters[/<name>]  LoRA adapters: POST, GET, DELETE (see ``adapters.py``)
 =================================  ====================================================
 
 Status codes
@@ -29,12 +30,15 @@ code   when
        missing/empty ``inputs`` or ``messages``, a field of the wrong type, a parameter
        out of range (SamplingParams' RequestError), a prompt at or over max_model_len
        or top_n_tokens over max_logprobs (RequestError from add_request), an unknown
-       ``adapters``/``adapter_id`` (no LoRA adapters are loaded), ``stream`` with a
+       adapter (``adapters``/``adapter_id``, ``?adapter=``, the SageMaker adapter header;
+       any of them while LoRA is off), a bad adapter registration, ``stream`` with a
        list of inputs, a chat template that fails on the messages
 401    an API key is set (``--api-key`` / ``LMIDIST_JAX_API_KEY``) and the request has no
        ``Authorization: Bearer <key>`` header with it (every route but ``/ping``)
-404    unknown route, or ``/predictions/<model>`` for a model this server does not serve
+404    unknown route, ``/predictions/<model>`` or ``/models/<model>/adapters`` for a model
+       this server does not serve, an unknown adapter name in an adapter route
 405    known route, wrong method
+409    DELETE of an adapter that unfinished requests use
 413    request body over ``max_body_bytes`` (default 8 MiB, ``LMIDIST_JAX_MAX_BODY_BYTES``),
        sent with Content-Length or chunked; the connection is closed
 415    a POST body whose Content-Type is not ``application/json`` (a browser can send
@@ -326,6 +330,9 @@ def create_app(engine_loop, config, *, model_name: str | None = None, max_body_b
     def chat_completions():
         return _handle(state, chat_only=True)
 
+    from .adapters import register_adapter_routes
+
+    register_adapter_routes(app, state, _json_response)
     return app
 
 
@@ -342,16 +349,22 @@ def _handle(state: ServerState, *, chat_only: bool) -> Response:
     loop = state.ready_loop()
     body = _read_body()
     limits = state.limits(loop)
-    if chat_only or "messages" in body:
-        return _handle_chat(state, loop, body, limits, start)
-    return _handle_lmi(state, loop, body, limits, start)
+    from .adapters import request_adapters
+
+    chat = chat_only or "messages" in body
+    inputs = body.get("inputs")
+    batched = not chat and isinstance(inputs, list)
+    adapters = request_adapters(loop, body, len(inputs) if batched and inputs else 1, batched)
+    if chat:
+        return _handle_chat(state, loop, body, limits, start, adapters[0])
+    return _handle_lmi(state, loop, body, limits, start, adapters)
 
 
-def _submit(loop, request_id: str, prompt, params, stream: bool, where: str = ""):
+def _submit(loop, request_id: str, prompt, params, stream: bool, where: str = "", adapter: str | None = None):
     from ..engine.engine_loop import QueueFullError
 
     try:
-        submitted = loop.submit(request_id, prompt, params, stream=stream)
+        submitted = loop.submit(request_id, prompt, params, stream=stream, adapter=adapter)
     except RequestError as e:
         raise BadRequest(f"{where}{e}") from None
     except QueueFullError as e:
@@ -403,13 +416,15 @@ def _new_request_id(kind: str) -> str:
     return f"{kind}-{uuid.uuid4().hex}"
 
 
-def _handle_lmi(state: ServerState, loop, body: dict, limits: Limits, start: float) -> Response:
+def _handle_lmi(state: ServerState, loop, body: dict, limits: Limits, start: float,
+                adapters: list[str | None]) -> Response:
     req: LmiRequest = parse_lmi_request(body, limits)
     streams = []
     try:
         for i, prompt in enumerate(req.inputs):
             where = f"inputs[{i}]: " if req.batched else ""
-            streams.append(_submit(loop, _new_request_id("lmi"), prompt, req.params, req.stream, where))
+            streams.append(_submit(loop, _new_request_id("lmi"), prompt, req.params, req.stream, where,
+                                   adapter=adapters[i]))
     except BaseException:
         for s in streams:
             s.close()
@@ -450,12 +465,13 @@ def _chat_prompt(loop, messages: list[dict]) -> list[int]:
         raise BadRequest(f"{e}{hint}") from None
 
 
-def _handle_chat(state: ServerState, loop, body: dict, limits: Limits, start: float) -> Response:
+def _handle_chat(state: ServerState, loop, body: dict, limits: Limits, start: float,
+                 adapter: str | None = None) -> Response:
     req = parse_chat_request(body, limits)
     prompt_ids = _chat_prompt(loop, req.messages)
     params = req.sampling_params(len(prompt_ids), limits.max_model_len)
     chat_id = new_chat_id()
-    stream = _submit(loop, chat_id, prompt_ids, params, req.stream)
+    stream = _submit(loop, chat_id, prompt_ids, params, req.stream, adapter=adapter)
     model = state.model_name
     if req.stream:
         builder = ChatStreamBuilder(req, model, chat_id)

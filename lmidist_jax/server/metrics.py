@@ -16,6 +16,13 @@ lmidist_active_requests                    gauge      requests the engine loop i
 lmidist_kv_blocks_used / _free             gauge      KV-cache blocks in use / free
 lmidist_engine_healthy                     gauge      1 when the engine is ready and healthy
 lmidist_engine_steps                       gauge      engine steps run so far
+lmidist_spec_decode_proposed_tokens        gauge      draft tokens proposed so far (with a draft model)
+lmidist_spec_decode_accepted_tokens        gauge      draft tokens the target accepted so far
+lmidist_lora_adapters                      gauge      LoRA adapters registered now (with enable_lora)
+lmidist_lora_adapters_registered / _removed  gauge    adapters registered / removed so far
+lmidist_lora_adapter_disk_reads            gauge      adapter directories read (registrations and
+                                                      re-reads after host-cache eviction)
+lmidist_lora_adapter_slot_loads            gauge      adapters copied into a device slot
 lmidist_steps_to_first_token               histogram  engine steps from a request's submission to
                                                       the step that gave its first token (1: the
                                                       next step; 2: it arrived during a step)
@@ -57,6 +64,19 @@ class ServerMetrics:
         self.kv_free = Gauge("lmidist_kv_blocks_free", "KV-cache blocks free", registry=r)
         self.healthy = Gauge("lmidist_engine_healthy", "1 when the engine is ready and healthy", registry=r)
         self.steps = Gauge("lmidist_engine_steps", "Engine steps run so far", registry=r)
+        # Totals read from the engine's snapshot (a gauge: the engine owns the count).
+        self.spec_proposed = Gauge("lmidist_spec_decode_proposed_tokens",
+                                   "Draft tokens proposed so far (speculative decoding)", registry=r)
+        self.spec_accepted = Gauge("lmidist_spec_decode_accepted_tokens",
+                                   "Draft tokens accepted by the target so far (speculative decoding)", registry=r)
+        self.lora_adapters = Gauge("lmidist_lora_adapters", "LoRA adapters registered now", registry=r)
+        self.lora_registered = Gauge("lmidist_lora_adapters_registered", "LoRA adapters registered so far",
+                                     registry=r)
+        self.lora_removed = Gauge("lmidist_lora_adapters_removed", "LoRA adapters removed so far", registry=r)
+        self.lora_disk_reads = Gauge("lmidist_lora_adapter_disk_reads", "LoRA adapter directories read so far",
+                                     registry=r)
+        self.lora_slot_loads = Gauge("lmidist_lora_adapter_slot_loads",
+                                     "LoRA adapters copied into a device slot so far", registry=r)
         self.steps_to_first_token = Histogram(
             "lmidist_steps_to_first_token", "Engine steps from submission to the step that gave the first token",
             buckets=STEP_BUCKETS, registry=r)
@@ -76,6 +96,13 @@ class ServerMetrics:
         self.kv_free.set(s.get("kv_blocks_free", 0))
         self.healthy.set(1 if healthy else 0)
         self.steps.set(s.get("num_steps", 0))
+        self.spec_proposed.set(s.get("spec_proposed_tokens", 0))
+        self.spec_accepted.set(s.get("spec_accepted_tokens", 0))
+        self.lora_adapters.set(s.get("lora_adapters", 0))
+        self.lora_registered.set(s.get("lora_registered", 0))
+        self.lora_removed.set(s.get("lora_removed", 0))
+        self.lora_disk_reads.set(s.get("lora_disk_reads", 0))
+        self.lora_slot_loads.set(s.get("lora_slot_loads", 0))
         return generate_latest(self.registry)
 
     def tracker(self, start: float | None = None) -> "RequestTracker":

@@ -1,0 +1,28 @@
+"""Runs in a subprocess with 2 (fake) CPU devices: greedy tokens of a TP=2 target with
+its draft sharded (draft_model_tp_size=2) and replicated (1). Prints a JSON report.
+
+  python spec_tp_worker.py TARGET_DIR DRAFT_DIR PROMPTS_JSON
+"""
+
+import json
+import sys
+
+from lmidist_jax import LLM, SamplingParams
+
+TARGET, DRAFT, PROMPTS = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+OPTIONS = dict(dtype="fp32", max_model_len=128, block_size=4, num_kv_blocks=100, max_rolling_batch_size=4,
+               max_rolling_batch_prefill_tokens=16, progress=False, tensor_parallel_degree=2,
+               speculative_draft_model=DRAFT, speculative_length=3)
+report = {}
+for draft_tp in (2, 1):
+    llm = LLM(TARGET, draft_model_tp_size=draft_tp, **OPTIONS)
+    outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True), use_tqdm=False)
+    runner = llm.engine.spec_runner
+    report[draft_tp] = {
+        "tokens": [o.token_ids for o in outs],
+        "accepted": llm.engine.spec_stats.num_accepted_tokens,
+        "target_kv": str(runner.target.kv_caches[0][0].sharding.spec),
+        "draft_kv": str(runner.draft_kv_caches[0][0].sharding.spec),
+        "draft_devices": len(runner.draft_kv_caches[0][0].sharding.device_set),
+    }
+print(json.dumps(report))

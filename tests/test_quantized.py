@@ -1,0 +1,293 @@
+"""Pre-quantized checkpoints (AWQ, GPTQ, SqueezeLLM; tests/quant_formats.py writes them)
+against transformers running the dequantized model, at TP=1 and TP=2; the W4A16 Pallas
+kernel (interpret mode) against its XLA reference; the startup errors."""
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from lmidist_jax import LLM, SamplingParams
+from lmidist_jax.models import quantized
+from lmidist_jax.models.scoring import prompt_logits
+from pallas_kernels import w4a16
+from quant_formats import AWQ_ORDER, make_quantized, pack_along_input, pack_along_output
+from tiny_models import hf_greedy, hf_logits, make_model
+
+ENGINE = dict(dtype="fp32", max_model_len=128, num_kv_blocks=64, max_rolling_batch_size=4,
+              max_rolling_batch_prefill_tokens=64, warmup=False, progress=False)
+NEW_TOKENS = 16
+# Equal lengths: the teacher-forced check then compiles one forward pass per variant.
+PROMPTS = [[int(t) for t in np.random.default_rng(seed).integers(0, 128, 12)] for seed in (3, 4)]
+
+# name -> (family, make_quantized options). Together: GPTQ group 32/64/128/-1, desc_act
+# on/off, sym/asym, both checkpoint formats, 8-bit; AWQ 64/128; SqueezeLLM; Llama, Qwen2.
+VARIANTS = {
+    "llama_gptq_g32_act_asym": ("llama", dict(method="gptq", group_size=32, desc_act=True, sym=False)),
+    "llama_gptq_g64_sym": ("llama", dict(method="gptq", group_size=64)),
+    "llama_gptq_ch_asym": ("llama", dict(method="gptq", group_size=-1, sym=False)),
+    "llama_gptq8_g64_asym": ("llama", dict(method="gptq", bits=8, group_size=64, sym=False)),
+    "qwen2_gptq_g128_act_asym": ("qwen2", dict(method="gptq", group_size=128, desc_act=True, sym=False)),
+    "qwen2_gptq_g32_asym_v2": ("qwen2", dict(method="gptq", group_size=32, sym=False, checkpoint_format="gptq_v2")),
+    "llama_awq_g64": ("llama", dict(method="awq", group_size=64)),
+    "qwen2_awq_g128": ("qwen2", dict(method="awq", group_size=128)),
+    "llama_squeezellm": ("llama", dict(method="squeezellm")),
+    "qwen2_squeezellm": ("qwen2", dict(method="squeezellm")),
+}
+# Through the whole engine (rolling batch, decode steps) at TP=1; every variant is checked
+# teacher-forced below (one forward pass: cheaper to compile). The TP=2 test runs three
+# more through the engine.
+ENGINE_VARIANTS = ["llama_gptq_g32_act_asym"]
+# The Pallas kernel (interpret mode) inside the whole model, against the XLA path (the
+# grouped kernel runs inside the model in the per-shard TP=2 test).
+KERNEL_VARIANTS = ["qwen2_squeezellm"]
+# TP=2 (one subprocess): act-order rows split over devices, one KV head replicated (MQA),
+# AWQ with Qwen2's q/k/v biases, the codebook.
+TP2_VARIANTS = {"llama_mqa_gptq_g128_act_asym": ("llama", dict(method="gptq", group_size=128, desc_act=True,
+                                                               sym=False, num_key_value_heads=1)),
+                "qwen2_awq_g64": ("qwen2", dict(method="awq", group_size=64)),
+                "llama_squeezellm": VARIANTS["llama_squeezellm"]}
+
+TP2_SHARDING = {"attn.qkv_proj": "(None, 'tp')", "mlp.gate_up_proj": "(None, None, 'tp')",
+                "attn.o_proj": "('tp',)", "mlp.down_proj": "('tp',)"}
+
+
+def quantized_dir(tmp_path_factory, name, family, options):
+    directory = tmp_path_factory.mktemp(name)
+    return directory, make_quantized(directory, family, **options)
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request, tmp_path_factory):
+    family, options = VARIANTS[request.param]
+    directory, hf = quantized_dir(tmp_path_factory, request.param, family, options)
+    return request.param, options, hf, LLM(str(directory), **ENGINE), directory
+
+
+def test_greedy_tokens_and_logits_match_the_dequantized_model(variant):
+    """The method is detected (quantize unset); teacher-forced on transformers' 16 greedy
+    tokens, our argmax at every step is its token, and the logits agree."""
+    name, options, hf, llm, directory = variant
+    model = llm.engine.runner.model
+    assert model.spec.linear_kind.startswith(options["method"] + "-"), model.spec.linear_kind
+    assert model.state["layers"][0]["attn"]["qkv_proj"]["qweight"][...].dtype == jnp.int32
+    for prompt in PROMPTS:
+        expected = hf_greedy(hf, prompt, NEW_TOKENS)
+        ids = prompt + expected
+        ours = prompt_logits(model, ids)
+        ref = hf_logits(hf, ids)
+        rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+        assert rel < 1e-5, f"{name}: relative error {rel:.1e}"
+        assert ours[len(prompt) - 1:-1].argmax(-1).tolist() == expected, name
+    if name in ENGINE_VARIANTS:
+        outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
+        assert [o.token_ids for o in outs] == [hf_greedy(hf, p, NEW_TOKENS) for p in PROMPTS], name
+    if name in KERNEL_VARIANTS:
+        check_pallas_kernel_in_model(directory, model)
+
+
+def test_tensor_parallel_two_matches_transformers(tmp_path_factory):
+    """TP2_VARIANTS at TP=2 on two CPU devices: transformers' 32 greedy tokens, packed
+    weights sharded as the dense ones would be."""
+    from test_parallel import report_of, run_worker
+
+    dirs, expected = {}, {}
+    ids = PROMPTS[1]
+    for name, (family, options) in TP2_VARIANTS.items():
+        directory, hf = quantized_dir(tmp_path_factory, name, family, options)
+        dirs[name] = str(directory)
+        expected[name] = (hf_logits(hf, ids), [hf_greedy(hf, p, 32) for p in PROMPTS])
+    spec_path = tmp_path_factory.mktemp("tp2") / "spec.json"
+    spec_path.write_text(json.dumps({"dirs": dirs, "logit_ids": ids, "prompts": PROMPTS}))
+    report = report_of(run_worker(["families", str(spec_path), "2"], devices=2))
+    for name, (ref_logits, ref_tokens) in expected.items():
+        assert report[name]["tokens"] == ref_tokens, f"{name} at TP=2"
+        rel = np.linalg.norm(np.array(report[name]["logits"]) - ref_logits) / np.linalg.norm(ref_logits)
+        assert rel < 1e-5, f"{name} at TP=2: relative error {rel:.1e}"
+        # Column-parallel along the output, row-parallel along the packed input rows and groups.
+        shardings = report[name]["shardings"]
+        for proj, spec in TP2_SHARDING.items():
+            for leaf in ("qweight", "scales", "zeros", "lut"):
+                if f"{proj}.{leaf}" in shardings:
+                    want = "(None, None)" if leaf == "lut" and spec == "('tp',)" else spec  # replicated codebook
+                    assert shardings[f"{proj}.{leaf}"] == want, (name, proj, leaf, shardings)
+        assert f"attn.o_proj.{'lut' if 'squeeze' in name else 'scales'}" in shardings
+
+
+def test_pallas_kernel_per_shard_at_tensor_parallel_two(tmp_path_factory):
+    """The kernel (interpret mode) inside shard_map at TP=2: column-parallel q/k/v and
+    gate/up on their output slices, row-parallel o and down on their rows and groups
+    (psum), act-order, one KV head replicated; teacher-forced on transformers' tokens."""
+    import subprocess
+    import sys
+
+    from test_parallel import HERE, report_of
+
+    name = "llama_mqa_gptq_g128_act_asym"
+    directory, hf = quantized_dir(tmp_path_factory, name + "_kernel", *TP2_VARIANTS[name])
+    prompt = PROMPTS[0]
+    ids = prompt + hf_greedy(hf, prompt, NEW_TOKENS)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               LMIDIST_QUANT_IMPL="pallas_interpret",
+               PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "quant_tp_worker.py"), str(directory), "2",
+                             json.dumps(ids)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    report = report_of(proc)
+    assert report["kind"].endswith("-pallas_interpret64-tp2"), report["kind"]
+    ours, ref = np.array(report["logits"]), hf_logits(hf, ids)
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-5
+    assert ours[len(prompt) - 1:-1].argmax(-1).tolist() == ids[len(prompt):]
+
+
+def check_pallas_kernel_in_model(directory, model):
+    """The decoder with the Pallas kernel (interpret mode) in every quantized projection
+    gives the XLA path's logits (fused q/k/v with biases and gate/up, the codebook)."""
+    from converters.checkpoint import load_config
+    from lmidist_jax.models.families import spec_from_hf_config
+    from lmidist_jax.models.loader import load_model
+
+    hf_config = load_config(directory)
+    config = dataclasses.replace(quantized.detect(directory, hf_config), impl="pallas_interpret")
+    spec = dataclasses.replace(spec_from_hf_config(hf_config), linear_kind=quantized.register(config))
+    tensors = quantized.checkpoint_tensors(directory, "auto", config, progress=False)
+    kernel_model = load_model(spec, quantized.map_checkpoint(spec, tensors, config), dtype=jnp.float32,
+                              mesh=model.mesh)
+    ids = PROMPTS[1]
+    ref = prompt_logits(model, ids)
+    got = prompt_logits(kernel_model, ids)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+
+
+# -- the kernel ----------------------------------------------------------------------------
+
+
+def _random_grouped(rng, m, k, n, group, bits):
+    groups = k // group
+    q = rng.integers(0, 1 << bits, (k, n))
+    scales = rng.random((groups, n)).astype(np.float32) + 0.1
+    zeros = rng.integers(0, 1 << bits, (groups, n)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    dense = (q - np.repeat(zeros, group, 0)) * np.repeat(scales, group, 0)
+    return x, jnp.asarray(pack_along_input(q, bits)), scales, zeros, dense
+
+
+@pytest.mark.parametrize("m,k,n,group,bits,tiles", [
+    (1, 256, 128, 128, 4, {}), (5, 256, 64, 32, 4, dict(words=8, k_splits=2)), (16, 128, 192, 128, 4, {}),
+    (3, 512, 64, 64, 8, dict(words=4, k_splits=4)), (2, 128, 64, 16, 4, dict(words=8))])
+def test_grouped_kernel_matches_reference(m, k, n, group, bits, tiles):
+    """Interpret-mode Pallas kernel == XLA reference == numpy, across group sizes smaller
+    and larger than a tile, split K, 8 bits, M not a multiple of 16."""
+    x, qweight, scales, zeros, dense = _random_grouped(np.random.default_rng(m + k), m, k, n, group, bits)
+    want = x @ dense
+    ref = w4a16.quant_matmul_reference(jnp.asarray(x), qweight, jnp.asarray(scales), jnp.asarray(zeros), bits=bits)
+    got = w4a16.quant_matmul_pallas(jnp.asarray(x), qweight, jnp.asarray(scales), jnp.asarray(zeros), bits=bits,
+                                    interpret=True, **tiles)
+    scale = np.abs(want).max()
+    assert np.abs(np.asarray(ref) - want).max() / scale < 1e-5
+    assert np.abs(np.asarray(got) - want).max() / scale < 1e-5
+
+
+@pytest.mark.parametrize("m,tiles", [(1, {}), (7, dict(words=4, k_splits=2))])
+def test_codebook_kernel_matches_reference(m, tiles):
+    rng = np.random.default_rng(m)
+    k, n = 256, 64
+    q = rng.integers(0, 16, (k, n))
+    lut = rng.standard_normal((16, n)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    want = x @ np.take_along_axis(lut, q, 0)
+    qweight = jnp.asarray(pack_along_input(q, 4))
+    ref = w4a16.lut_matmul_reference(jnp.asarray(x), qweight, jnp.asarray(lut))
+    got = w4a16.quant_matmul_pallas(jnp.asarray(x), qweight, lut=jnp.asarray(lut), interpret=True, **tiles)
+    assert np.abs(np.asarray(ref) - want).max() / np.abs(want).max() < 1e-5
+    assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() < 1e-5
+
+
+def test_awq_and_gptq_packings_read_back():
+    """The readers invert the tools' packings: AWQ's interleaved nibble order along the
+    output, GPTQ's zeros stored minus one with the borrow across a packed word."""
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 16, (4, 32))
+    assert np.array_equal(quantized.unpack_cols(pack_along_output(values, 4, AWQ_ORDER), 4, AWQ_ORDER), values)
+    assert not np.array_equal(quantized.unpack_cols(pack_along_output(values, 4, AWQ_ORDER), 4), values)
+    assert np.array_equal(quantized.unpack_rows(pack_along_input(values.T.copy(), 4), 4), values.T)
+    zeros = np.zeros((1, 8), np.int64)  # zero point 0 everywhere: every nibble borrows
+    stored = (pack_along_output(zeros, 4).view(np.uint32) - np.uint32(0x11111111)).view(np.int32)
+    tensors = {"qweight": np.zeros((1, 8), np.int32), "qzeros": stored, "scales": np.ones((1, 8), np.float16)}
+    config = quantized.QuantConfig("gptq", group_size=-1)
+    assert np.array_equal(quantized.convert_module("m", tensors, config)["zeros"], np.zeros((1, 8)))
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gptq_dir(tmp_path_factory):
+    directory, _ = quantized_dir(tmp_path_factory, "gptq_errors", "llama", dict(method="gptq", group_size=128))
+    return directory
+
+
+def _copy_with(tmp_path, source, *, config_edit=None, drop=None):
+    for f in os.listdir(source):
+        if f != "model.safetensors":
+            with open(os.path.join(source, f), "rb") as src, open(tmp_path / f, "wb") as dst:
+                dst.write(src.read())
+    tensors = load_file(os.path.join(source, "model.safetensors"))
+    if drop:
+        del tensors[drop]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    if config_edit:
+        config = json.loads((tmp_path / "config.json").read_text())
+        config_edit(config)
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_contradicting_quantize_option_is_refused(gptq_dir, tmp_path):
+    with pytest.raises(ValueError, match="option.quantize=awq contradicts the checkpoint .* quantized with gptq"):
+        LLM(str(gptq_dir), quantize="awq", **ENGINE)
+    make_model(tmp_path, "llama")
+    with pytest.raises(ValueError, match="option.quantize=gptq but .* is not a quantized checkpoint"):
+        LLM(str(tmp_path), quantize="gptq", **ENGINE)
+
+
+def test_missing_scales_is_refused(gptq_dir, tmp_path):
+    bad = _copy_with(tmp_path, gptq_dir, drop="model.layers.1.mlp.down_proj.scales")
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj has g_idx, qweight, qzeros but no scales"):
+        LLM(str(bad), **ENGINE)
+
+
+def test_group_size_must_divide_each_devices_inputs(gptq_dir):
+    from converters.checkpoint import load_config
+    from lmidist_jax.models.families import spec_from_hf_config
+
+    config = load_config(gptq_dir)
+    spec = spec_from_hf_config(config)
+    quantized.configure(spec, gptq_dir, config, None, 2, platform="cpu")  # o: 256 / 2 = 128 inputs each
+    with pytest.raises(ValueError, match=r"group_size=128 does not divide the 64 inputs each of 4 devices holds of o"):
+        quantized.configure(spec, gptq_dir, config, None, 4, platform="cpu")
+
+
+def test_unsupported_bits_are_refused(gptq_dir, tmp_path):
+    bad = _copy_with(tmp_path, gptq_dir, config_edit=lambda c: c["quantization_config"].update(bits=3))
+    with pytest.raises(ValueError, match="3-bit gptq is not supported; supported bits for gptq: 4, 8"):
+        LLM(str(bad), **ENGINE)
+
+
+def test_detection_sources_and_unsupported_formats(tmp_path):
+    """AutoGPTQ's quantize_config.json and SqueezeLLM's quant_config.json are read when
+    config.json has no quantization_config; formats we cannot run are named."""
+    assert quantized.detect(tmp_path, {}) is None
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 64, "desc_act": True}))
+    assert quantized.detect(tmp_path, {}) == quantized.QuantConfig("gptq", 4, 64, act_order=True)
+    os.remove(tmp_path / "quantize_config.json")
+    (tmp_path / "quant_config.json").write_text(json.dumps({"wbits": 4}))
+    assert quantized.detect(tmp_path, {}).method == "squeezellm"
+    for qc, message in [({"quant_method": "awq", "version": "gemv"}, "version='gemv' is not supported; accepted: gemm"),
+                        ({"quant_method": "gptq", "checkpoint_format": "marlin"}, "accepted: gptq, gptq_v2"),
+                        ({"quant_method": "fp8"}, "quant_method='fp8' is not supported; accepted: awq, gptq, squeezellm")]:
+        with pytest.raises(ValueError, match=message):
+            quantized.detect(tmp_path, {"quantization_config": qc})
