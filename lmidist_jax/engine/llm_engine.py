@@ -264,13 +264,18 @@ class LLMEngine:
         t2 = time.perf_counter()
         outputs.extend(self._postprocess(sched, result, samples, num_steps))
         t3 = time.perf_counter()
+        self._record_step(t1 - t0, result, t3 - t2)
+        return outputs
+
+    def _record_step(self, schedule_time: float, result, postprocess_time: float) -> None:
+        """Adds one step's times to the stats (``result``: the runner's output, which
+        carries its host and device times)."""
         st = self.stats
         st.num_steps += 1
-        st.schedule_time += t1 - t0
+        st.schedule_time += schedule_time
         st.host_time += result.host_time
         st.device_time += result.device_time
-        st.postprocess_time += t3 - t2
-        return outputs
+        st.postprocess_time += postprocess_time
 
     def _postprocess(self, sched: SchedulerOutput, result, samples, num_steps: int) -> list[RequestOutput]:
         now = time.monotonic()

@@ -567,12 +567,7 @@ class SpecDecodeEngine(LLMEngine):
         t2 = time.perf_counter()
         outputs.extend(self._postprocess_spec(sched, result, samples))
         t3 = time.perf_counter()
-        st = self.stats
-        st.num_steps += 1
-        st.schedule_time += t1 - t0
-        st.host_time += result.host_time
-        st.device_time += result.device_time
-        st.postprocess_time += t3 - t2
+        self._record_step(t1 - t0, result, t3 - t2)
         return outputs
 
     def _postprocess_spec(self, sched: SchedulerOutput, result: SpecRunnerOutput, samples) -> list:
