@@ -67,10 +67,14 @@ def percentiles(values, ps=(50, 90, 99)) -> dict:
 
 
 def device_copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20) -> dict:
-    """Bytes read + written per second by a plain device-to-device copy, measured every way
-    available in this process (XLA elementwise copy; torch ``copy_`` when importable, which
-    reaches ~4.2 TB/s on an H200 where XLA's reaches ~3.2): {"xla": .., "torch": .., "best": ..}.
-    The roofline divides by "best": a slower reference would flatter every ratio."""
+    """Device memory bandwidth, measured every way available in this process: bytes read +
+    written per second by a plain device-to-device copy (XLA elementwise copy; torch
+    ``copy_`` when importable, which reaches ~4.2 TB/s on an H200 where XLA's reaches ~3.2),
+    and bytes read per second by a sum over the buffer (XLA, torch): a read-only stream
+    outruns a copy, and the kernels we divide by it mostly read (a grouped matmul measured
+    102% of the copy figure, H200 2026-11-30). {"xla": .., "torch": .., "xla_read": ..,
+    "torch_read": .., "best": ..}. The roofline divides by "best": a slower reference would
+    flatter every ratio."""
     import time
 
     import jax
@@ -95,18 +99,27 @@ def device_copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20) -> dict:
         return 2 * num_bytes / median_time(lambda: last.__setitem__("y", f(x)),
                                             lambda: jax.block_until_ready(last["y"]))
 
-    out = {"xla": xla_copy()}
+    def xla_read():
+        x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)
+        f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+        last = {}
+        return num_bytes / median_time(lambda: last.__setitem__("y", f(x)),
+                                       lambda: jax.block_until_ready(last["y"]))
+
+    out = {"xla": xla_copy(), "xla_read": xla_read()}
     if jax.devices()[0].platform == "gpu":
         try:
             import torch
 
             if torch.cuda.is_available():
-                src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda")
+                src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
                 dst = torch.empty_like(src)
                 out["torch"] = 2 * num_bytes / median_time(lambda: dst.copy_(src), torch.cuda.synchronize)
+                out["torch_read"] = num_bytes / median_time(lambda: src.sum(dtype=torch.float32),
+                                                            torch.cuda.synchronize)
                 del src, dst
                 torch.cuda.empty_cache()
-        except Exception as e:  # torch missing or without CUDA: XLA's figure stands alone
+        except Exception as e:  # torch missing or without CUDA: XLA's figures stand alone
             out["torch_error"] = str(e)[:200]
-    out["best"] = max(v for k, v in out.items() if k in ("xla", "torch"))
+    out["best"] = max(v for k, v in out.items() if k in ("xla", "torch", "xla_read", "torch_read"))
     return out
