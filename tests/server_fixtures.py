@@ -78,13 +78,13 @@ class ServerThread:
         self.server.close(timeout=2)
 
 
-def build_engine_loop(model_dir, **overrides):
+def build_engine_loop(model_dir, warmup=True, **overrides):
     from lmidist_jax.config import config_from_kwargs
     from lmidist_jax.engine.engine_loop import EngineLoop
     from lmidist_jax.engine.factory import build_engine
 
     config = config_from_kwargs(str(model_dir), **{**ENGINE_OPTIONS, **overrides})
-    engine = build_engine(config, warmup=True, progress=False)
+    engine = build_engine(config, warmup=warmup, progress=False)
     return EngineLoop(engine, job_queue_size=config.job_queue_size), config
 
 

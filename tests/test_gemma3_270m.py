@@ -638,13 +638,18 @@ def reference_tokens(hf_model, tokenizer):
     return refs
 
 
+# One engine program for both greedy tests: the server test's engine loads the steps the
+# engine test compiled (the executable cache, in the tests' compilation cache directory).
+GREEDY_ENGINE = dict(dtype="fp32", max_model_len=256, max_rolling_batch_size=8, block_size=16, num_kv_blocks=None,
+                     max_rolling_batch_prefill_tokens=64, max_logprobs=5)
+
+
 def test_engine_greedy_matches_transformers(model_dir, reference_tokens):
     """5 prompts x 32 greedy tokens in one rolling batch (the longest prompts cross no
     sliding window here; the tiny Gemma 3 parity tests cover windows)."""
     from lmidist_jax import LLM, SamplingParams
 
-    llm = LLM(str(model_dir), dtype="fp32", max_model_len=256, max_rolling_batch_size=8, warmup=False,
-              progress=False)
+    llm = LLM(str(model_dir), **GREEDY_ENGINE, warmup=False, progress=False)
     outs = llm.generate(ENGINE_PROMPTS, SamplingParams(max_new_tokens=32, ignore_eos=True), use_tqdm=False)
     for (prompt_ids, ref), out in zip(reference_tokens, outs):
         assert out.prompt_token_ids == prompt_ids
@@ -660,8 +665,7 @@ def test_server_greedy_matches_transformers(model_dir, reference_tokens, tokeniz
 
     from lmidist_jax.server import create_app
 
-    loop, config = build_engine_loop(model_dir, max_model_len=256, max_rolling_batch_size=8, num_kv_blocks=None,
-                                     max_rolling_batch_prefill_tokens=64)
+    loop, config = build_engine_loop(model_dir, warmup=False, **GREEDY_ENGINE)
     srv = ServerThread(create_app(loop, config), loop)
     try:
         body = {"inputs": ENGINE_PROMPTS, "parameters": {"max_new_tokens": 32, "ignore_eos_token": True,

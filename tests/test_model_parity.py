@@ -33,41 +33,78 @@ def prompts():
     return [list(map(int, rng.integers(0, 128, n))) for n in (5, 17, PROMPT_LEN)]
 
 
+def logit_ids():
+    return list(map(int, np.random.default_rng(1).integers(0, 128, PROMPT_LEN)))
+
+
+class References:
+    """Each variant's checkpoint and transformers' outputs on it (logits of logit_ids(), 32
+    greedy tokens of each of prompts()), made once for the TP=1 and the TP=2 tests alike:
+    transformers' generate() costs more than our engine's run on these models."""
+
+    def __init__(self, root):
+        self.root, self.made, self.models = root, {}, {}
+
+    def directory(self, family):
+        """The checkpoint alone (transformers' outputs are made on first use)."""
+        if family not in self.models and family not in self.made:
+            self.models[family] = make_model(self.root / family, family)
+        return str(self.root / family)
+
+    def __getitem__(self, family):
+        if family not in self.made:
+            directory = self.directory(family)
+            hf = self.models.pop(family)
+            self.made[family] = (directory, hf_logits(hf, logit_ids()), [hf_greedy(hf, p, 32) for p in prompts()])
+        return self.made[family]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    return References(tmp_path_factory.mktemp("parity"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tp2_worker(request, references, tmp_path_factory):
+    """The TP=2 subprocess, started with the module's first test when the TP=2 test is to
+    run: it runs while this process runs the TP=1 tests."""
+    from test_parallel import WORKER, BackgroundWorker, selected
+
+    if not selected(request, "test_tensor_parallel_two_matches_transformers"):
+        yield None
+        return
+    directory = tmp_path_factory.mktemp("tp2")
+    spec = {"dirs": {f: references.directory(f) for f in TP2_VARIANTS}, "logit_ids": logit_ids(), "prompts": prompts()}
+    (directory / "spec.json").write_text(json.dumps(spec))
+    worker = BackgroundWorker([WORKER, "families", str(directory / "spec.json"), "2"], 2, directory)
+    yield worker
+    worker.close()
+
+
 @pytest.fixture(scope="module", params=VARIANTS)
-def family_model(request, tmp_path_factory):
-    directory = tmp_path_factory.mktemp(request.param)
-    hf = make_model(directory, request.param)
-    return request.param, hf, LLM(str(directory), **ENGINE)
+def family_model(request, references):
+    directory, ref_logits, ref_tokens = references[request.param]
+    return request.param, ref_logits, ref_tokens, LLM(directory, **ENGINE)
 
 
 def test_logits_and_greedy_tokens_match_transformers(family_model):
-    family, hf, llm = family_model
-    ids = list(np.random.default_rng(1).integers(0, 128, PROMPT_LEN))
-    ours = prompt_logits(llm.engine.runner.model, ids)
-    ref = hf_logits(hf, ids)
+    family, ref, ref_tokens, llm = family_model
+    ours = prompt_logits(llm.engine.runner.model, logit_ids())
     rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
     assert rel < TOLERANCE.get(family, 1e-4), f"{family}: relative error {rel:.2e}"
     # Three prompts in one rolling batch (chunked: the prefill budget is 64 tokens).
     outs = llm.generate(prompts(), SamplingParams(max_new_tokens=32, ignore_eos=True), use_tqdm=False)
-    for prompt, out in zip(prompts(), outs):
-        assert out.token_ids == hf_greedy(hf, prompt, 32), family
+    for expected, out in zip(ref_tokens, outs):
+        assert out.token_ids == expected, family
         assert out.finish_reason == "length"
 
 
-def test_tensor_parallel_two_matches_transformers(tmp_path):
-    """TP2_VARIANTS at TP=2 on CPU devices (one subprocess for all of them): the same
-    greedy tokens as transformers, and logits within the same tolerance."""
-    from test_parallel import report_of, run_worker
-
-    expected = {}
-    ids = list(map(int, np.random.default_rng(1).integers(0, 128, PROMPT_LEN)))
+def test_tensor_parallel_two_matches_transformers(references, tp2_worker):
+    """TP2_VARIANTS at TP=2 on CPU devices (one subprocess for all of them, started with
+    the module): the same greedy tokens as transformers, and logits within the same tolerance."""
     assert set(TP2_VARIANTS) <= set(VARIANTS)
-    for family in TP2_VARIANTS:
-        hf = make_model(tmp_path / family, family)
-        expected[family] = (hf_logits(hf, ids), [hf_greedy(hf, p, 32) for p in prompts()])
-    spec = {"dirs": {f: str(tmp_path / f) for f in TP2_VARIANTS}, "logit_ids": ids, "prompts": prompts()}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    report = report_of(run_worker(["families", str(tmp_path / "spec.json"), "2"], devices=2), timeout=1200)
+    expected = {family: references[family][1:] for family in TP2_VARIANTS}
+    report = tp2_worker.report(timeout=1200)
     for family in TP2_VARIANTS:
         ref_logits, ref_tokens = expected[family]
         got = report[family]

@@ -30,10 +30,32 @@ def report_of(proc, timeout=600):
     return json.loads(line[len("REPORT "):])
 
 
+def started_together(tmp_path_factory, name, models):
+    """{key: BackgroundWorker}: the workers of one parametrized test, started at once on
+    its first case (one on each CPU core); ``models`` is {key: (family, make_model options,
+    worker arguments after the model directory, "{directory}" standing for the worker's own)}."""
+    workers = {}
+    for key, (family, options, args) in models.items():
+        directory = tmp_path_factory.mktemp(f"{name}_{key}")
+        make_model(directory / "model", family, **options)
+        args = [arg.format(directory=directory) for arg in args]
+        workers[key] = BackgroundWorker([WORKER, args[0], str(directory / "model"), *args[1:]], 8, directory)
+    return workers
+
+
+@pytest.fixture(scope="module")
+def tp_degree_workers(tmp_path_factory):
+    workers = started_together(tmp_path_factory, "tp", {
+        kv_heads: ("llama", dict(num_attention_heads=8, num_key_value_heads=kv_heads), ["tp", "1,2,4,8"])
+        for kv_heads in (4, 1)})
+    yield workers
+    for worker in workers.values():
+        worker.close()
+
+
 @pytest.mark.parametrize("kv_heads", [4, 1], ids=["gqa", "mqa"])
-def test_tensor_parallel_degrees_agree(tmp_path, kv_heads):
-    make_model(tmp_path, "llama", num_attention_heads=8, num_key_value_heads=kv_heads)
-    report = report_of(run_worker(["tp", str(tmp_path), "1,2,4,8"], devices=8))
+def test_tensor_parallel_degrees_agree(tp_degree_workers, kv_heads):
+    report = tp_degree_workers[kv_heads].report()
     base = report["1"]
     for tp in ("2", "4", "8"):
         r = report[tp]
@@ -47,6 +69,39 @@ def test_tensor_parallel_degrees_agree(tmp_path, kv_heads):
         # The KV pool is split over the devices by KV heads (replicated heads when TP > KV heads).
         assert r["kv_heads"] == max(kv_heads, int(tp))
         assert r["kv_shard_heads"] == [r["kv_heads"] // int(tp)]
+
+
+class BackgroundWorker:
+    """A worker started ahead of the test that reads its report (output to files, so
+    that nothing waits on a full pipe): it runs while the test process runs the tests
+    before it, each process on one of the CPU cores."""
+
+    def __init__(self, args, devices, directory, extra_env=None):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.update(extra_env or {})
+        self.out, self.err = open(os.path.join(directory, "stdout"), "w+"), open(os.path.join(directory, "stderr"), "w+")
+        self.proc = subprocess.Popen([sys.executable, *args], env=env, stdout=self.out, stderr=self.err, text=True)
+
+    def report(self, timeout=600):
+        returncode = self.proc.wait(timeout=timeout)
+        self.out.seek(0)
+        self.err.seek(0)
+        assert returncode == 0, self.err.read()[-4000:]
+        line = next(l for l in self.out.read().splitlines() if l.startswith("REPORT "))
+        return json.loads(line[len("REPORT "):])
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.close()
+        self.err.close()
+
+
+def selected(request, test_name):
+    """Whether the session runs ``test_name`` (a fixture starting its worker early asks)."""
+    return any(item.name == test_name for item in request.session.items)
 
 
 def free_port():
@@ -69,14 +124,23 @@ def test_two_processes_match_one(tmp_path):
     assert leader["tokens"] == single["1"]["tokens"]
 
 
+@pytest.fixture(scope="module")
+def orbax_workers(tmp_path_factory):
+    workers = started_together(tmp_path_factory, "orbax", {
+        family: (family, {"num_attention_heads": 8, "num_key_value_heads": 2} if family == "llama" else {},
+                 ["orbax", "{directory}/converted"])
+        for family in ("llama", "decilm")})
+    yield workers
+    for worker in workers.values():
+        worker.close()
+
+
 @pytest.mark.parametrize("family", ["llama", "decilm"])
-def test_orbax_round_trip_onto_other_meshes(tmp_path, family):
+def test_orbax_round_trip_onto_other_meshes(orbax_workers, family):
     """Parameters converted on TP=2 and saved with orbax restore identically on TP=4
     (KV heads replicated) and TP=1. DeciLM's layers have 4, 1 and 2 KV heads: each layer
     is replicated (TP 2: 4, 2, 2; TP 4: 4, 4, 4) and folded back on its own."""
-    model = tmp_path / "model"
-    make_model(model, family, **({"num_attention_heads": 8, "num_key_value_heads": 2} if family == "llama" else {}))
-    report = report_of(run_worker(["orbax", str(model), str(tmp_path / "converted")], devices=8))
+    report = orbax_workers[family].report()
     for tp in (4, 1):
         assert report[f"tp{tp}_identical"], tp
         assert report[f"tp{tp}_tokens"] == report[f"tp{tp}_direct_tokens"]

@@ -90,20 +90,43 @@ def test_greedy_tokens_and_logits_match_the_dequantized_model(variant):
         check_pallas_kernel_in_model(directory, model)
 
 
-def test_tensor_parallel_two_matches_transformers(tmp_path_factory):
+KERNEL_TP2_VARIANT = "llama_mqa_gptq_g128_act_asym"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tp2_workers(request, tmp_path_factory):
+    """The two TP=2 subprocesses, started with the module's first test when their tests
+    are to run: they run while this process runs the TP=1 tests."""
+    from test_parallel import HERE, WORKER, BackgroundWorker, selected
+
+    workers = {}
+    if selected(request, "test_tensor_parallel_two_matches_transformers"):
+        dirs, models = {}, {}
+        for name, (family, options) in TP2_VARIANTS.items():
+            directory, models[name] = quantized_dir(tmp_path_factory, name, family, options)
+            dirs[name] = str(directory)
+        spec_dir = tmp_path_factory.mktemp("tp2")
+        (spec_dir / "spec.json").write_text(json.dumps({"dirs": dirs, "logit_ids": PROMPTS[1], "prompts": PROMPTS}))
+        workers["families"] = (BackgroundWorker([WORKER, "families", str(spec_dir / "spec.json"), "2"], 2, spec_dir),
+                               models)
+    if selected(request, "test_pallas_kernel_per_shard_at_tensor_parallel_two"):
+        directory, hf = quantized_dir(tmp_path_factory, KERNEL_TP2_VARIANT + "_kernel", *TP2_VARIANTS[KERNEL_TP2_VARIANT])
+        ids = PROMPTS[0] + hf_greedy(hf, PROMPTS[0], NEW_TOKENS)
+        workers["kernel"] = (BackgroundWorker([os.path.join(HERE, "quant_tp_worker.py"), str(directory), "2",
+                                               json.dumps(ids)], 2, tmp_path_factory.mktemp("kernel_tp2"),
+                                              extra_env={"LMIDIST_QUANT_IMPL": "pallas_interpret"}), hf, ids)
+    yield workers
+    for worker, *_ in workers.values():
+        worker.close()
+
+
+def test_tensor_parallel_two_matches_transformers(tp2_workers):
     """TP2_VARIANTS at TP=2 on two CPU devices: transformers' 32 greedy tokens, packed
     weights sharded as the dense ones would be."""
-    from test_parallel import report_of, run_worker
-
-    dirs, expected = {}, {}
+    worker, models = tp2_workers["families"]
     ids = PROMPTS[1]
-    for name, (family, options) in TP2_VARIANTS.items():
-        directory, hf = quantized_dir(tmp_path_factory, name, family, options)
-        dirs[name] = str(directory)
-        expected[name] = (hf_logits(hf, ids), [hf_greedy(hf, p, 32) for p in PROMPTS])
-    spec_path = tmp_path_factory.mktemp("tp2") / "spec.json"
-    spec_path.write_text(json.dumps({"dirs": dirs, "logit_ids": ids, "prompts": PROMPTS}))
-    report = report_of(run_worker(["families", str(spec_path), "2"], devices=2))
+    expected = {name: (hf_logits(hf, ids), [hf_greedy(hf, p, 32) for p in PROMPTS]) for name, hf in models.items()}
+    report = worker.report()
     for name, (ref_logits, ref_tokens) in expected.items():
         assert report[name]["tokens"] == ref_tokens, f"{name} at TP=2"
         rel = np.linalg.norm(np.array(report[name]["logits"]) - ref_logits) / np.linalg.norm(ref_logits)
@@ -118,25 +141,13 @@ def test_tensor_parallel_two_matches_transformers(tmp_path_factory):
         assert f"attn.o_proj.{'lut' if 'squeeze' in name else 'scales'}" in shardings
 
 
-def test_pallas_kernel_per_shard_at_tensor_parallel_two(tmp_path_factory):
+def test_pallas_kernel_per_shard_at_tensor_parallel_two(tp2_workers):
     """The kernel (interpret mode) inside shard_map at TP=2: column-parallel q/k/v and
     gate/up on their output slices, row-parallel o and down on their rows and groups
     (psum), act-order, one KV head replicated; teacher-forced on transformers' tokens."""
-    import subprocess
-    import sys
-
-    from test_parallel import HERE, report_of
-
-    name = "llama_mqa_gptq_g128_act_asym"
-    directory, hf = quantized_dir(tmp_path_factory, name + "_kernel", *TP2_VARIANTS[name])
+    worker, hf, ids = tp2_workers["kernel"]
     prompt = PROMPTS[0]
-    ids = prompt + hf_greedy(hf, prompt, NEW_TOKENS)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               LMIDIST_QUANT_IMPL="pallas_interpret",
-               PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "quant_tp_worker.py"), str(directory), "2",
-                             json.dumps(ids)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    report = report_of(proc)
+    report = worker.report()
     assert report["kind"].endswith("-pallas_interpret64-tp2"), report["kind"]
     ours, ref = np.array(report["logits"]), hf_logits(hf, ids)
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-5
