@@ -17,6 +17,7 @@ Layouts (shared by all backends):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -27,6 +28,45 @@ import numpy as np
 MASK_VALUE = -1e30
 # Upper bound (in elements) of one gathered key chunk in the XLA path.
 _GATHER_BUDGET = 1 << 24
+# rel at or above this marks a key a non-causal (encoder) query cannot see (another
+# sequence's token, padding).
+NOT_VISIBLE = 1 << 30
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RelativeBias:
+    """T5's relative position bias: a learned scalar per head and bucket of the relative
+    position (key position - query position), added to the attention scores. Buckets
+    are exact up to num_buckets / 2 (per direction when bidirectional), then
+    logarithmic up to max_distance."""
+
+    table: jax.Array  # [num_heads, num_buckets] float32
+    num_buckets: int = dataclasses.field(metadata=dict(static=True))
+    max_distance: int = dataclasses.field(metadata=dict(static=True))
+    bidirectional: bool = dataclasses.field(metadata=dict(static=True))
+
+    def buckets(self, rel):
+        """rel (int32, key - query) -> bucket ids, as transformers' T5Attention._relative_position_bucket."""
+        num_buckets = self.num_buckets
+        buckets = jnp.zeros(rel.shape, jnp.int32)
+        if self.bidirectional:
+            num_buckets //= 2
+            buckets = buckets + (rel > 0).astype(jnp.int32) * num_buckets
+            distance = jnp.abs(rel)
+        else:
+            distance = -jnp.minimum(rel, 0)
+        max_exact = num_buckets // 2
+        is_small = distance < max_exact
+        large = max_exact + (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+                             / math.log(self.max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+        large = jnp.minimum(large, num_buckets - 1)
+        return buckets + jnp.where(is_small, distance, large)
+
+    def bias(self, rel, num_kv_heads: int, group: int):
+        """rel [T, J] -> float32 bias [T, K, G, J] (heads grouped as the scores are)."""
+        table = self.table.astype(jnp.float32).reshape(num_kv_heads, group, -1)
+        return jnp.transpose(jnp.take(table, self.buckets(rel), axis=2), (2, 0, 1, 3))
 
 
 def shuffled_block_tables(rng: np.random.Generator, lens, *, block_size: int, max_blocks: int,
@@ -75,6 +115,7 @@ def paged_attention_reference(
     alibi_slopes=None,
     num_blocks_to_scan=None,
     max_chunk_blocks: int | None = None,
+    relative_bias=None,
 ):
     """Attention of each query token over its sequence's paged keys (causal).
 
@@ -84,6 +125,8 @@ def paged_attention_reference(
     loop after the longest sequence's last block; `max_chunk_blocks` (static, optional)
     caps the blocks gathered per chunk, so that with `num_blocks_to_scan` the keys read
     follow the live context rather than the table width.
+    ``relative_bias``: T5's learned bias per (head, relative-position bucket), see
+    :class:`RelativeBias`.
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -118,7 +161,8 @@ def paged_attention_reference(
         rel = key_pos[None, :] - positions[:, None]  # [T, C*BS], <= 0 is visible
         return online_softmax_update(carry, s, rel, lambda p: jnp.einsum("tkgj,ktjd->tkgd", p, v),
                                      sliding_window=sliding_window, soft_cap=soft_cap,
-                                     slopes=slopes if alibi_slopes is not None else None)
+                                     slopes=slopes if alibi_slopes is not None else None,
+                                     relative_bias=relative_bias)
 
     init = online_softmax_init(num_tokens, num_kv_heads, group, head_dim)
     if num_blocks_to_scan is None:
@@ -137,19 +181,24 @@ def online_softmax_init(num_tokens: int, num_kv_heads: int, group: int, head_dim
             jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32))
 
 
-def online_softmax_update(carry, s, rel, weighted_values, *, sliding_window=None, soft_cap=None, slopes=None):
+def online_softmax_update(carry, s, rel, weighted_values, *, sliding_window=None, soft_cap=None, slopes=None,
+                          relative_bias=None, causal: bool = True):
     """One chunk of keys folded into the running softmax. s [T,K,G,J] float32 scores,
     rel [T,J] key position minus query position (<= 0 visible), ``weighted_values(p)``
-    -> [T,K,G,D] (p [T,K,G,J]); slopes [K,G] for ALiBi. Masking, soft cap and ALiBi are
-    applied here, so every XLA path computes them the same way."""
+    -> [T,K,G,D] (p [T,K,G,J]); slopes [K,G] for ALiBi; ``relative_bias`` (T5) a
+    :class:`RelativeBias`. Masking, soft cap, ALiBi and relative biases are applied
+    here, so every XLA path computes them the same way. ``causal=False`` (an encoder):
+    ``rel`` only feeds the bias, the caller masks through ``rel`` = a large value."""
     m, l, acc = carry
-    mask = rel <= 0
+    mask = rel <= 0 if causal else rel < NOT_VISIBLE
     if sliding_window is not None:
         mask = mask & (rel > -sliding_window)
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     if slopes is not None:
         s = s + slopes[None, :, :, None] * rel[:, None, None, :].astype(jnp.float32)
+    if relative_bias is not None:
+        s = s + relative_bias.bias(rel, s.shape[1], s.shape[2])
     mask = mask[:, None, None, :]
     s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, s.max(axis=-1))
@@ -160,7 +209,7 @@ def online_softmax_update(carry, s, rel, weighted_values, *, sliding_window=None
 
 def paged_decode_attention_reference(
     q, k_pages, v_pages, block_tables, seq_lens, *, scale: float,
-    sliding_window=None, soft_cap=None, alibi_slopes=None,
+    sliding_window=None, soft_cap=None, alibi_slopes=None, relative_bias=None,
 ):
     """Decode special case: q [num_seqs, num_heads, head_dim], one query per sequence
     at position seq_lens - 1 (seq_lens counts the token being decoded)."""
@@ -170,6 +219,6 @@ def paged_decode_attention_reference(
         token_seq_ids=jnp.arange(num_seqs, dtype=jnp.int32),
         positions=seq_lens - 1,
         scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        alibi_slopes=alibi_slopes,
+        alibi_slopes=alibi_slopes, relative_bias=relative_bias,
         num_blocks_to_scan=(jnp.max(seq_lens) + k_pages.shape[2] - 1) // k_pages.shape[2],
     )

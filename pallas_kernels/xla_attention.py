@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.reference import (
-    online_softmax_init, online_softmax_update, paged_attention_reference)
+    NOT_VISIBLE, online_softmax_init, online_softmax_update, paged_attention_reference)
 
 # Measured on a 2-core CPU with SmolLM2-135M (benchmarks/cpu_path.py): 128-token query
 # tiles against 256-token key chunks keep the products large enough for the CPU's
@@ -34,7 +34,7 @@ _PADDING_ONLY, _ONE_SEQUENCE, _MIXED = 0, 1, 2
 
 
 def paged_decode_attention_xla(q, k_pages, v_pages, block_tables, seq_lens, *, scale: float,
-                               sliding_window=None, soft_cap=None, alibi_slopes=None,
+                               sliding_window=None, soft_cap=None, alibi_slopes=None, relative_bias=None,
                                chunk_blocks: int = DECODE_CHUNK_BLOCKS):
     """One query per sequence at position seq_lens - 1 (as
     :func:`reference.paged_decode_attention_reference`); keys are read in chunks of
@@ -45,13 +45,13 @@ def paged_decode_attention_xla(q, k_pages, v_pages, block_tables, seq_lens, *, s
         q, k_pages, v_pages, block_tables,
         token_seq_ids=jnp.arange(num_seqs, dtype=jnp.int32), positions=seq_lens - 1,
         scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, alibi_slopes=alibi_slopes,
-        num_blocks_to_scan=(jnp.max(seq_lens) + block_size - 1) // block_size,
+        relative_bias=relative_bias, num_blocks_to_scan=(jnp.max(seq_lens) + block_size - 1) // block_size,
         max_chunk_blocks=chunk_blocks)
 
 
 def paged_attention_xla(q, k_pages, v_pages, block_tables, token_seq_ids, positions, *,
                         scale: float, sliding_window=None, soft_cap=None, alibi_slopes=None,
-                        is_padding=None, query_tile: int = QUERY_TILE,
+                        relative_bias=None, is_padding=None, query_tile: int = QUERY_TILE,
                         key_chunk_blocks: int = KEY_CHUNK_BLOCKS):
     """Causal attention of each query token over its sequence's paged keys (the rule of
     :func:`reference.paged_attention_reference`), tiled as the module docstring says.
@@ -101,7 +101,8 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, token_seq_ids, positi
             rel = (c * chunk_len + jnp.arange(chunk_len))[None, :] - pos[:, None]  # [t, chunk]
             return online_softmax_update(carry, s, rel, lambda p: jnp.einsum("tkgj,kjd->tkgd", p, v),
                                          sliding_window=sliding_window, soft_cap=soft_cap,
-                                         slopes=slopes if alibi_slopes is not None else None)
+                                         slopes=slopes if alibi_slopes is not None else None,
+                                         relative_bias=relative_bias)
 
         init = online_softmax_init(tile, num_kv_heads, group, head_dim)
         _, l, acc = jax.lax.fori_loop(lo // chunk_len, hi // chunk_len + 1, body, init)
@@ -115,7 +116,7 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, token_seq_ids, positi
         return paged_attention_reference(
             q_tile, k_pages, v_pages, block_tables, seq_ids, pos, scale=scale,
             sliding_window=sliding_window, soft_cap=soft_cap, alibi_slopes=alibi_slopes,
-            num_blocks_to_scan=hi // block_size + 1, max_chunk_blocks=DECODE_CHUNK_BLOCKS)
+            relative_bias=relative_bias, num_blocks_to_scan=hi // block_size + 1, max_chunk_blocks=DECODE_CHUNK_BLOCKS)
 
     def padding_only(q_tile, seq_ids, pos, pad):
         return jnp.zeros_like(q_tile)
@@ -131,4 +132,37 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, token_seq_ids, positi
                                  token_seq_ids.reshape(num_tiles, tile),
                                  positions.reshape(num_tiles, tile),
                                  is_padding.reshape(num_tiles, tile)))
+    return out.reshape(num_tiles * tile, num_heads, head_dim)[:num_tokens]
+
+
+def packed_bidirectional_attention(q, k, v, token_seq_ids, positions, is_padding, *, scale: float,
+                                   relative_bias=None, query_tile: int = QUERY_TILE):
+    """Non-causal attention among a step's own tokens, with no cache (an encoder): each
+    token sees every non-padding token of its own sequence. q [T, H, D], k, v [T, K, D],
+    token_seq_ids / positions [T] int32, is_padding [T] bool. Queries go in tiles of
+    ``query_tile`` so the scores take [tile, H, T] at a time. Returns [T, H, D] in q's dtype."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    tile = min(query_tile, num_tokens)
+    num_tiles = -(-num_tokens // tile)
+    extra = num_tiles * tile - num_tokens
+    q_tiles = jnp.pad(q, ((0, extra), (0, 0), (0, 0))).reshape(num_tiles, tile, num_heads, head_dim)
+    seq_tiles = jnp.pad(token_seq_ids, (0, extra), constant_values=-1).reshape(num_tiles, tile)
+    pos_tiles = jnp.pad(positions, (0, extra)).reshape(num_tiles, tile)
+    keys, values = k.astype(jnp.float32), v.astype(jnp.float32)
+
+    def one_tile(xs):
+        q_tile, seq_ids, pos = xs
+        qg = q_tile.astype(jnp.float32).reshape(tile, num_kv_heads, group, head_dim) * scale
+        s = jnp.einsum("tkgd,jkd->tkgj", qg, keys)
+        visible = (seq_ids[:, None] == token_seq_ids[None, :]) & ~is_padding[None, :]
+        rel = jnp.where(visible, positions[None, :] - pos[:, None], NOT_VISIBLE)
+        _, l, acc = online_softmax_update(
+            online_softmax_init(tile, num_kv_heads, group, head_dim), s, rel,
+            lambda p: jnp.einsum("tkgj,jkd->tkgd", p, values), relative_bias=relative_bias, causal=False)
+        out = acc / jnp.maximum(l, 1e-30)[..., None]
+        return out.reshape(tile, num_heads, head_dim).astype(q.dtype)
+
+    out = jax.lax.map(one_tile, (q_tiles, seq_tiles, pos_tiles))
     return out.reshape(num_tiles * tile, num_heads, head_dim)[:num_tokens]

@@ -62,7 +62,8 @@ compilation_cache_dir               auto          JAX persistent compilation cac
                                                   ($LMIDIST_JAX_CACHE or ~/.cache/lmidist_jax; a
                                                   directory JAX was already given wins), none = off
 seed                                0             engine random seed (sampling without a request seed)
-decode_steps                        1             decode steps run per engine step on the device (>= 1)
+decode_steps                        auto          decode steps run per engine step on the device (>= 1); auto =
+                                                  8 on a GPU (1 on the CPU, with a draft model, for T5)
 save_converted                      None          directory to save the converted (Orbax) model to
 ==================================  ============  ==========================================================
 
@@ -186,6 +187,18 @@ def _int(minimum: int | None = None, choices: tuple[int, ...] | None = None,
         return n
 
     return parse, accepted
+
+
+def _int_or_auto(minimum: int) -> tuple[Callable, str]:
+    """An integer >= minimum, or "auto" (resolved where the device is known)."""
+    parse_int, accepted = _int(minimum=minimum)
+
+    def parse(value):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return parse_int(value)
+
+    return parse, accepted + " or auto"
 
 
 def _float(gt: float | None = None, le: float | None = None, optional: bool = False) -> tuple[Callable, str]:
@@ -338,7 +351,7 @@ _PARSERS: dict[str, tuple[Callable, str]] = {
     "attention_backend": _choice(*ATTENTION_BACKENDS),
     "compilation_cache_dir": _cache_dir(),
     "seed": _int(),
-    "decode_steps": _int(minimum=1),
+    "decode_steps": _int_or_auto(minimum=1),
     "save_converted": _str(),
 }
 
@@ -389,7 +402,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     compilation_cache_dir: str | None = "auto"  # None: off
     seed: int = 0
-    decode_steps: int = 1
+    decode_steps: int | str = "auto"
     save_converted: str | None = None
 
     # -- building --------------------------------------------------------------------------
@@ -506,7 +519,7 @@ def _check_combinations(values: dict[str, Any], given: set[str], num_devices: in
     if draft_tp not in (1, tp):
         raise ConfigError(f"option.draft_model_tp_size={draft_tp} is not valid: accepted 1 or "
                           f"tensor_parallel_degree ({tp})")
-    if values["speculative_draft_model"] and values.get("decode_steps", 1) > 1:
+    if values["speculative_draft_model"] and values.get("decode_steps", "auto") not in (1, "auto"):
         # A speculative step already gives a sequence several tokens per dispatch.
         raise ConfigError(f"option.decode_steps={values['decode_steps']} with option.speculative_draft_model is "
                           f"not valid: accepted decode_steps=1 when a draft model is set")

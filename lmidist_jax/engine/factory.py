@@ -40,9 +40,9 @@ def load_tokenizer(model_dir):
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     if not any(os.path.exists(os.path.join(model_dir, n)) for n in names):
         return None
-    from transformers import AutoTokenizer
-
     from converters.remote_tokenizers import RemoteTokenizerError, load_remote_tokenizer, remote_tokenizer_class
+
+    from .fast_tokenizer import load_fast_tokenizer
 
     if remote_tokenizer_class(model_dir):
         # Qwen v1 / ChatGLM / InternLM2 / Baichuan: rebuilt from their data files, code never run.
@@ -51,6 +51,11 @@ def load_tokenizer(model_dir):
         except RemoteTokenizerError as e:
             logger.warning("the tokenizer of %s cannot be rebuilt (%s): prompts must be token ids", model_dir, e)
             return None
+    fast = load_fast_tokenizer(model_dir)  # tokenizer.json as it is: no transformers (nor torch) import
+    if fast is not None:
+        return fast
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except ValueError as e:
@@ -79,6 +84,7 @@ def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEn
     model_dir = resolve_model(config.model_id or DEFAULT_MODEL, config.revision)
     hf_config = load_config(model_dir)
     spec = spec_from_hf_config(hf_config)
+    check_encoder_decoder_options(spec, config)
     # AWQ / GPTQ / SqueezeLLM: detected from the checkpoint (or checked against option.quantize);
     # the spec then names the registered quantized linear kind.
     spec, quantization = quantized.configure(spec, model_dir, hf_config, getattr(config, "quantize", None),
@@ -124,6 +130,7 @@ def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bo
     """Sizes the KV cache for an already-loaded model, compiles, and returns the engine.
     ``draft``: a loaded draft model for speculative decoding (engine/spec_decode.py)."""
     configure_compilation_cache(config.compilation_cache_dir)
+    check_encoder_decoder_options(model.spec, config, draft)
     if getattr(config, "enable_lora", False):
         from ..models.lora_linear import with_lora
         from . import multihost
@@ -138,19 +145,27 @@ def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bo
     block_size = config.block_size
     max_num_seqs = config.max_rolling_batch_size
     max_num_batched_tokens = config.max_rolling_batch_prefill_tokens or min(DEFAULT_PREFILL_TOKENS, max_model_len)
+    if spec.is_encoder_decoder and not config.max_rolling_batch_prefill_tokens:
+        # An encoder prompt is never split over steps: the default budget holds a whole
+        # prompt beside one decode token of every running sequence (with the budget at
+        # max_model_len, 16 decoding Flan-T5 requests kept every 128-token prompt waiting).
+        max_num_batched_tokens += max_num_seqs
     num_blocks = _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_tokens, draft)
     min_blocks = math.ceil(max_model_len / block_size) + 1
+    if spec.is_encoder_decoder:  # and as many for its encoder prompt's cross-attention K/V
+        min_blocks += math.ceil(max_model_len / block_size)
     if num_blocks < min_blocks:
         raise EngineConfigError(
             f"the KV cache holds {num_blocks} blocks of {block_size} tokens, fewer than one "
             f"max_model_len={max_model_len} sequence needs ({min_blocks}); lower max_model_len "
             f"or give the cache more memory (num_kv_blocks / kv_cache_memory_gb / gpu_memory_utilization)")
-    backend = _attention_backend(config.attention_backend)
+    backend = _attention_backend(config.attention_backend, spec)
     runner = ModelRunner(model, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                          backend=backend, max_logprobs=config.max_logprobs,
                          enforce_eager=config.enforce_eager,
-                         decode_steps=getattr(config, "decode_steps", 1) or 1)
+                         decode_steps=resolve_decode_steps(getattr(config, "decode_steps", "auto"), spec,
+                                                           has_draft=draft is not None))
     if getattr(config, "enable_lora", False):
         from .lora_manager import LoraManager
 
@@ -182,6 +197,26 @@ def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bo
                      seed=config.seed)
 
 
+def check_encoder_decoder_options(spec, config, draft=None) -> None:
+    """Options an encoder-decoder model (T5) cannot use yet: a clear error naming them."""
+    if not spec.is_encoder_decoder:
+        return
+    from . import multihost
+
+    refused = []
+    if draft is not None or getattr(config, "speculative_draft_model", None):
+        refused.append("speculative_draft_model (speculative decoding)")
+    if getattr(config, "enable_lora", False):
+        refused.append("enable_lora=true (LoRA adapters)")
+    if getattr(config, "tensor_parallel_degree", 1) not in (None, 1):
+        refused.append(f"tensor_parallel_degree={config.tensor_parallel_degree} (only 1)")
+    if multihost.is_multiprocess():
+        refused.append("several processes (jax.distributed)")
+    if refused:
+        raise EngineConfigError(f"{spec.architecture} is an encoder-decoder model, which lmidist-jax does not run "
+                                f"with {', '.join(refused)} yet; remove the option(s)")
+
+
 def configure_compilation_cache(option: str | None) -> str | None:
     """Points JAX's persistent compilation cache at the directory the option names
     ("auto": beside the models, unless JAX was already given one; None: off), with
@@ -207,10 +242,36 @@ def configure_compilation_cache(option: str | None) -> str | None:
     return wanted
 
 
-def _attention_backend(requested: str) -> str:
+# decode_steps=auto on a GPU: a batch-1 Llama-3-8B token took 7.68 ms with one decode
+# step per dispatch and 4.84 ms with 8 (H200, step_profile-nvidia-h200-*.json): the
+# per-dispatch host work and launch gaps are paid once per 8 tokens. The scheduler still
+# runs single steps whenever a request waits, so admission is not delayed.
+AUTO_DECODE_STEPS_GPU = 8
+
+
+def resolve_decode_steps(value, spec, *, has_draft: bool) -> int:
+    """The decode_steps option as the runner takes it: an integer, or "auto" resolved for
+    this device and model (1 on the CPU, where a step's host work is small beside its
+    compute; 1 with a draft model, whose steps already carry several tokens; 1 for
+    encoder-decoder models; else AUTO_DECODE_STEPS_GPU)."""
+    if value != "auto":
+        return int(value or 1)
+    if has_draft or getattr(spec, "is_encoder_decoder", False) or jax.devices()[0].platform == "cpu":
+        return 1
+    return AUTO_DECODE_STEPS_GPU
+
+
+def _attention_backend(requested: str, spec=None) -> str:
     from pallas_kernels import select_backend
 
-    return select_backend(jax.devices()[0].platform, requested)
+    backend = select_backend(jax.devices()[0].platform, requested)
+    if spec is not None and spec.position_type == "relative" and backend != "xla":
+        # The Pallas kernels do not add T5's relative-position bias yet: its XLA paths run on any device.
+        if requested != "auto":
+            raise EngineConfigError(f"attention_backend={requested!r} cannot run T5's relative position bias; "
+                                    f"use 'xla' or 'auto' (which picks 'xla' for this model)")
+        backend = "xla"
+    return backend
 
 
 def _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_tokens, draft=None) -> int:
@@ -226,9 +287,11 @@ def _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_t
     if not stats or "bytes_limit" not in stats:
         # CPU: no meaningful device memory. Enough for every sequence at full length,
         # capped at CPU_DEFAULT_KV_CACHE_GB.
-        wanted = max_num_seqs * math.ceil(max_model_len / config.block_size) + 1
+        # (encoder-decoder: as many again for the encoder prompt's cross-attention K/V).
+        per_seq = math.ceil(max_model_len / config.block_size) * (2 if model.spec.is_encoder_decoder else 1)
+        wanted = max_num_seqs * per_seq + 1
         cap = int(CPU_DEFAULT_KV_CACHE_GB * 2**30 // per_block)
-        return max(min(wanted, cap), math.ceil(max_model_len / config.block_size) + 1)
+        return max(min(wanted, cap), per_seq + 1)
     # Accelerator: utilization x capacity - weights (already resident) - activation peak.
     limit = stats["bytes_limit"]
     in_use = stats.get("bytes_in_use", 0)
@@ -247,7 +310,7 @@ def _activation_peak_bytes(model, config, max_model_len, max_num_seqs, max_num_b
     probe = ModelRunner(model, block_size=config.block_size,
                         num_blocks=math.ceil(max_model_len / config.block_size) + 1,
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        max_model_len=max_model_len, backend=_attention_backend(config.attention_backend),
+                        max_model_len=max_model_len, backend=_attention_backend(config.attention_backend, model.spec),
                         max_logprobs=config.max_logprobs)
     peak = 0
     for T, S, decode_only in (probe.warmup_shapes()[-1], (probe.seq_buckets[-1],) * 2 + (True,)):

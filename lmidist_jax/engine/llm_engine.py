@@ -130,12 +130,26 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         n = len(prompt_token_ids)
+        if self.spec.is_encoder_decoder:
+            self._validate_encoder_prompt(n, params)
         if n >= self.max_model_len:
             raise RequestError(
                 f"the prompt has {n} tokens, but max_model_len is {self.max_model_len} "
                 f"(prompt + generated tokens must fit; at most {self.max_model_len - 1} prompt tokens)")
         if params.top_n_tokens > self.max_logprobs:
             raise RequestError(f"top_n_tokens={params.top_n_tokens} exceeds max_logprobs={self.max_logprobs}")
+
+    def _validate_encoder_prompt(self, n: int, params: SamplingParams) -> None:
+        """An encoder prompt runs whole in one step, beside at least one decoder token."""
+        limit = self.scheduler.max_num_batched_tokens - 1
+        if n > limit:
+            raise RequestError(
+                f"the prompt has {n} tokens; this encoder-decoder model runs a prompt through its encoder in "
+                f"one step, so prompts may have at most {limit} tokens "
+                f"(max_rolling_batch_prefill_tokens={limit + 1} minus one decoder token)")
+        if params.prompt_logprobs:
+            raise RequestError("prompt_logprobs are not available for encoder-decoder models (the prompt "
+                               "goes through the encoder, which predicts no tokens)")
 
     def add_request(self, request_id: str, prompt: str | Seq[int],
                     sampling_params: SamplingParams | None = None, *, stream: bool = True,
@@ -155,9 +169,12 @@ class LLMEngine:
         else:
             text, ids = self.encode(prompt)
         self.validate(ids, params)
+        encoder_ids = None
+        if self.spec.is_encoder_decoder:  # the prompt feeds the encoder; the decoder starts from one token
+            encoder_ids, ids = ids, [self.spec.decoder_start_token_id]
         request = Request(request_id, text, ids, params,
                           incremental_text=stream or bool(params.stop_sequences),
-                          adapter=adapter, adapter_uid=adapter_uid)
+                          adapter=adapter, adapter_uid=adapter_uid, encoder_prompt_token_ids=encoder_ids)
         if params.prompt_logprobs:
             request.prompt_logprobs = [None] * len(ids)
         base_seed = params.seed if params.seed is not None else self._rng.randrange(2**31)

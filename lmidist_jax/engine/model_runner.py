@@ -25,6 +25,7 @@ from .. import parallel
 from ..models.step_metadata import StepMetadata, StepMetadataBuilder
 from ..models.loader import LoadedModel
 from . import multihost
+from .executable_cache import ExecutableCache, fresh_compiles
 from .sampler import SampleOutput, SamplingBatch, sample
 from .scheduler import SchedulerOutput
 
@@ -121,6 +122,10 @@ class ModelRunner:
         # LoRA adapters (engine.lora_manager.LoraManager) when enabled: each token then
         # carries its adapter's slot in md.lora_slots.
         self.lora = None
+        # Encoder-decoder (T5): steps that admit requests first run their prompts through the
+        # encoder (a second jitted function, bucketed over encoder tokens), which writes the
+        # cross-attention K/V into each sequence's cross blocks of the same paged cache.
+        self.encoder_decoder = self.spec.is_encoder_decoder
 
         self.kv_caches = self._allocate_kv_cache()
         vocab = self.spec.vocab_size
@@ -161,6 +166,7 @@ class ModelRunner:
         def step_fn(state, kv_caches, prompt_mask, output_counts, batch: StepBatch, num_steps):
             """Returns outputs stacked [steps, S, ...]: 1 step for mixed batches, up to
             max_steps (num_steps, a traced scalar) for decode-only batches."""
+            self.num_step_traces += 1  # Python runs only while JAX traces: counts traces
             module = nnx.merge(graphdef, state)
             # Clear the count rows of sequences placed since their last step.
             prompt_mask = prompt_mask.at[batch.reset_slots].set(False)
@@ -208,6 +214,15 @@ class ModelRunner:
         self._step = jax.jit(step_fn, donate_argnums=(1, 2, 3),
                              out_shardings=(self.kv_sharding, rep, rep, rep))
         self._compiled: dict[tuple[int, int, bool], object] = {}
+        self.num_step_traces = 0
+        # Compiled steps of earlier processes (None: off, with the compilation cache or eager).
+        self.executable_cache = None if enforce_eager else ExecutableCache.from_jax_config(self._program())
+
+        def encode_fn(state, kv_caches, encoder_ids, encoder_md):
+            return nnx.merge(graphdef, state).encode(encoder_ids, kv_caches, encoder_md)
+
+        self._encode = jax.jit(encode_fn, donate_argnums=(1,), out_shardings=self.kv_sharding)
+        self._compiled_encode: dict[int, object] = {}
 
     # -- KV cache ------------------------------------------------------------------
 
@@ -246,7 +261,7 @@ class ModelRunner:
         T, S = self.shapes_for(sched.num_tokens, len(sched.scheduled), decode_only)
         if self.lora is not None:  # the step's adapters into device slots
             self.lora.activate({item.seq.request.adapter for item in sched.scheduled})
-        builder = StepBatchBuilder(self, T, S)
+        builder = StepBatchBuilder(self, T, S, cross=self.encoder_decoder)
         prompt_spans = []
         for row, item in enumerate(sched.scheduled):
             span = builder.add(row, item.seq, item.num_new_tokens)
@@ -254,17 +269,51 @@ class ModelRunner:
                 prompt_spans.append(span)
         return builder.build(decode_only), prompt_spans
 
+    def _pack_encoder(self, sched: SchedulerOutput):
+        """(encoder token ids [E], metadata) of the prompts this step runs through the
+        encoder (E a token bucket), or None. Each token's slot is its place in the
+        sequence's cross blocks; padding tokens have token_seq_ids -1."""
+        num_tokens = sched.num_encoder_tokens
+        if not num_tokens:
+            return None
+        E = num_tokens if self.enforce_eager else _bucket(num_tokens, self.token_buckets)
+        items = [item for item in sched.scheduled if item.num_encoder_tokens]
+        builder = StepMetadataBuilder(E, min(E, self.seq_buckets[-1]), self.max_blocks_per_seq, self.block_size)
+        ids = np.zeros(E, np.int32)
+        for row, item in enumerate(items):
+            tokens = builder.add_sequence(row, item.seq.cross_block_ids, 0, item.num_encoder_tokens)
+            ids[tokens] = item.seq.request.encoder_prompt_token_ids
+        builder.token_seq_ids[builder.num_tokens:] = -1
+        return ids, builder.build(backend=self.backend)
+
+    def _run_encoder(self, encoder_ids, encoder_md) -> None:
+        key = encoder_ids.shape[0]
+        encode = self._compiled_encode.get(key)
+        if encode is None:  # not warmed up: jit compiles this bucket on its first use
+            encode = self._encode
+            self.lazily_compiled.add(("encoder", key))
+        self.kv_caches = encode(self.model.state, self.kv_caches, encoder_ids, encoder_md)
+
+    def dummy_encoder_batch(self, E: int):
+        """An all-padding encoder batch of E tokens (writes go to trash block 0)."""
+        builder = StepMetadataBuilder(E, min(E, self.seq_buckets[-1]), self.max_blocks_per_seq, self.block_size)
+        builder.token_seq_ids[:] = -1
+        return np.zeros(E, np.int32), builder.build(backend=self.backend)
+
     # -- execution -----------------------------------------------------------------
 
     def execute(self, sched: SchedulerOutput, num_steps: int = 1) -> ModelRunnerOutput:
         """Run the step; decode-only batches may run num_steps decode steps in one
         dispatch. Outputs are [num_steps, num_scheduled, ...]."""
         t0 = time.perf_counter()
+        encoder_batch = self._pack_encoder(sched) if self.encoder_decoder else None
         batch, prompt_spans = self._pack(sched)
         if multihost.is_multiprocess():
             batch = multihost.broadcast_batch(batch, batch.input_ids.shape[0], batch.slots.shape[0],
                                               batch.md.decode_only, num_steps)
         t1 = time.perf_counter()
+        if encoder_batch is not None:  # before the decoder step that reads its cross K/V
+            self._run_encoder(*encoder_batch)
         out, prompt_lps = self._run(batch, num_steps)
         # One transfer of everything (blocks until the device is done).
         out, prompt_lps = jax.device_get((out, prompt_lps if prompt_spans else None))
@@ -284,11 +333,35 @@ class ModelRunner:
         """Returns (samples [steps, S, ...], prompt-token logprobs [T])."""
         key = (batch.input_ids.shape[0], batch.slots.shape[0], batch.md.decode_only)
         step = self._compiled.get(key)
-        if step is None:  # not warmed up: jit compiles this bucket on its first use
-            step = self._step
+        if step is None:  # not warmed up
             self.lazily_compiled.add(key)
+            if self.executable_cache is None:  # jit compiles this bucket on its first use
+                step = self._step
+            else:  # loaded from an earlier process, or compiled now and stored for the next
+                step = self._compiled[key] = self._compile_step(key, self._args(batch, num_steps))
         self.kv_caches, self.prompt_mask, self.output_counts, out = step(*self._args(batch, num_steps))
         return out
+
+    def _program(self) -> dict:
+        """What shapes the step program besides its arguments (the executable cache's key)."""
+        return {"runner": type(self).__qualname__, "spec": repr(self.spec), "dtype": str(self.model.dtype),
+                "block_size": self.block_size, "num_blocks": self.num_blocks, "max_num_seqs": self.max_num_seqs,
+                "max_num_batched_tokens": self.max_num_batched_tokens, "max_model_len": self.max_model_len,
+                "backend": self.backend, "num_top_logprobs": self.num_top_logprobs,
+                "decode_steps": self.decode_steps}
+
+    def _compile_step(self, key, args):
+        """The compiled step of bucket ``key``: from the executable cache, else traced,
+        lowered and compiled (the persistent compilation cache may skip the compile) and stored."""
+        cache = self.executable_cache
+        compiled = cache.load(key, args) if cache is not None else None
+        if compiled is None and cache is None:
+            compiled = self._step.lower(*args).compile()
+        elif compiled is None:
+            with fresh_compiles():  # what is stored must not come from JAX's cache (see there)
+                compiled = self._step.lower(*args).compile()
+            cache.store(key, args, compiled)
+        return compiled
 
     def warmup_shapes(self) -> list[tuple[int, int, bool]]:
         """(tokens, sequences, decode_only) of every compiled step."""
@@ -312,8 +385,7 @@ class ModelRunner:
         threads = threads or min(len(shapes), max(1, (os.cpu_count() or 2) // 2))
 
         def compile_one(shape):
-            batch = self.dummy_batch(*shape)
-            return shape, self._step.lower(*self._args(batch, 1)).compile()
+            return shape, self._compile_step(shape, self._args(self.dummy_batch(*shape), 1))
 
         with concurrent.futures.ThreadPoolExecutor(threads) as pool, \
                 tqdm(total=len(shapes), desc="compiling buckets", disable=not progress) as bar:
@@ -323,21 +395,27 @@ class ModelRunner:
         for shape in shapes:
             jax.block_until_ready(self._run(self.dummy_batch(*shape), 1))
             self.num_compiled_steps += 1
+        if self.encoder_decoder:  # the encoder's buckets: one per token bucket
+            for E in tqdm(self.token_buckets, desc="compiling encoder buckets", disable=not progress):
+                ids, md = self.dummy_encoder_batch(E)
+                self._compiled_encode[E] = self._encode.lower(self.model.state, self.kv_caches, ids, md).compile()
+                self._run_encoder(ids, md)
+                self.num_compiled_steps += 1
 
     def dummy_batch(self, T: int, S: int, decode_only: bool) -> StepBatch:
         """An all-padding batch of the given bucket (for compiling and warm-up)."""
-        return StepBatchBuilder(self, T, S).build(decode_only)
+        return StepBatchBuilder(self, T, S, cross=self.encoder_decoder).build(decode_only)
 
 
 class StepBatchBuilder:
     """The one place a step's inputs are assembled on the host: T tokens and S sequence
     rows, all padding until sequences are added."""
 
-    def __init__(self, runner: ModelRunner, num_tokens: int, num_seqs: int):
+    def __init__(self, runner: ModelRunner, num_tokens: int, num_seqs: int, cross: bool = False):
         self.runner = runner
         T, S, trash = num_tokens, num_seqs, runner.trash_slot
         self.metadata = StepMetadataBuilder(T, S, runner.max_blocks_per_seq, runner.block_size,
-                                            lora=runner.lora is not None)
+                                            lora=runner.lora is not None, cross=cross)
         self.input_ids = np.zeros(T, np.int32)
         self.token_is_output = np.zeros(T, np.bool_)
         self.token_slots = np.full(T, trash, np.int32)
@@ -355,6 +433,8 @@ class StepBatchBuilder:
         Returns its (row, first token, count) span of wanted prompt logprobs, if any."""
         start, n = seq.num_computed_tokens, num_new_tokens
         tokens = self.metadata.add_sequence(row, seq.block_ids, start, n)
+        if self.metadata.cross_lens is not None:  # encoder-decoder: where its encoder's K/V are
+            self.metadata.add_cross(row, seq.cross_block_ids, len(seq.request.encoder_prompt_token_ids))
         t = tokens.start
         if self.runner.lora is not None:
             self.metadata.lora_slots[tokens] = self.runner.lora.slot(seq.request.adapter)

@@ -20,6 +20,8 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # tokens token_ids[num_computed : num_computed + n] run this step
+    # Encoder-decoder: the encoder prompt's tokens run before them this step (0: none).
+    num_encoder_tokens: int = 0
 
     @property
     def samples(self) -> bool:
@@ -37,8 +39,12 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
+    def num_encoder_tokens(self) -> int:
+        return sum(s.num_encoder_tokens for s in self.scheduled)
+
+    @property
     def is_decode_only(self) -> bool:
-        return all(s.num_new_tokens == 1 and s.samples for s in self.scheduled)
+        return all(s.num_new_tokens == 1 and s.samples and not s.num_encoder_tokens for s in self.scheduled)
 
 
 class Scheduler:
@@ -63,7 +69,7 @@ class Scheduler:
         """Remove a finished or aborted sequence and free its blocks (publishing its full
         blocks to the prefix cache first)."""
         self.block_manager.cache_full_blocks(seq.token_ids, seq.block_ids, seq.num_computed_tokens,
-                                             seq.block_hashes, extra_key=seq.request.adapter_uid)
+                                             seq.block_hashes, extra_key=seq.request.prefix_cache_key)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -72,6 +78,7 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq.block_ids)
+        self.block_manager.free(seq.cross_block_ids)  # the encoder reruns if it comes back
         if seq.slot is not None:
             self._free_slots.append(seq.slot)
             seq.slot = None
@@ -123,24 +130,32 @@ class Scheduler:
                     and len(adapters) >= self.max_loras):
                 skipped.append(self.waiting.popleft())
                 continue
+            # Encoder-decoder: the encoder prompt runs whole (its attention is bidirectional)
+            # with at least one decoder token, in the same budget as prefill tokens; its
+            # cross-attention K/V take blocks of their own.
+            encoder_tokens = seq.num_encoder_tokens_to_run
+            if encoder_tokens >= budget:
+                break
             if not seq.block_ids and seq.num_computed_tokens == 0:
-                cached = (bm.match_prefix(seq.token_ids, seq.block_ids, extra_key=seq.request.adapter_uid)
+                cached = (bm.match_prefix(seq.token_ids, seq.block_ids, extra_key=seq.request.prefix_cache_key)
                           if self._may_use_prefix_cache(seq) else 0)
                 seq.num_computed_tokens = cached
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if bm.blocks_needed(seq.block_ids, seq.num_computed_tokens + n) > bm.num_free_blocks:
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget - encoder_tokens)
+            cross_blocks = bm.blocks_needed(seq.cross_block_ids, encoder_tokens)
+            if bm.blocks_needed(seq.block_ids, seq.num_computed_tokens + n) + cross_blocks > bm.num_free_blocks:
                 # Not enough room yet: give back any cached blocks it took and wait.
                 bm.free(seq.block_ids)
                 seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             bm.allocate(seq.block_ids, seq.num_computed_tokens + n)
+            bm.allocate(seq.cross_block_ids, encoder_tokens)
             seq.status = SequenceStatus.RUNNING
             seq.slot = self._free_slots.pop()
             seq.needs_slot_reset = True
             self.running.append(seq)
-            scheduled.append(ScheduledSequence(seq, n))
-            budget -= n
+            scheduled.append(ScheduledSequence(seq, n, encoder_tokens))
+            budget -= n + encoder_tokens
             if adapter is not None:
                 adapters.add(adapter)
         self.waiting.extendleft(reversed(skipped))
@@ -183,4 +198,4 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.cache_full_blocks(seq.token_ids, seq.block_ids,
                                                      seq.num_computed_tokens, seq.block_hashes,
-                                                     extra_key=seq.request.adapter_uid)
+                                                     extra_key=seq.request.prefix_cache_key)

@@ -31,6 +31,9 @@ class Sequence:
     num_computed_tokens: int = 0
     block_ids: list[int] = dataclasses.field(default_factory=list)
     block_hashes: list[int] = dataclasses.field(default_factory=list)  # prefix-cache hash chain
+    # Encoder-decoder models: the blocks holding the cross-attention K/V of the encoder
+    # prompt (a second block table); empty until the encoder has run (again after preemption).
+    cross_block_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
@@ -47,6 +50,12 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_token_ids)
+
+    @property
+    def num_encoder_tokens_to_run(self) -> int:
+        """Encoder tokens this sequence still needs run (its whole encoder prompt, or 0)."""
+        encoder_ids = self.request.encoder_prompt_token_ids
+        return len(encoder_ids) if encoder_ids is not None and not self.cross_block_ids else 0
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +94,17 @@ class Request:
     # keys the prefix cache (a re-registered name gets a new id).
     adapter: str | None = None
     adapter_uid: int | None = None
+    # Encoder-decoder models (T5): the prompt, run through the encoder; prompt_token_ids is
+    # then the decoder's prompt ([decoder_start_token_id]).
+    encoder_prompt_token_ids: list[int] | None = None
+
+    @property
+    def prefix_cache_key(self):
+        """What the KV of this request's tokens depends on besides the tokens: its adapter,
+        and (encoder-decoder) its encoder prompt. Keys the prefix cache's hash chains."""
+        if self.encoder_prompt_token_ids is None:
+            return self.adapter_uid
+        return ("encoder", self.adapter_uid, tuple(self.encoder_prompt_token_ids))
 
     @property
     def is_finished(self) -> bool:

@@ -3,6 +3,7 @@ per tensor-parallel shard when the model sits on a mesh."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -16,13 +17,16 @@ from .step_metadata import StepMetadata
 
 
 def paged_attention(q, k_pages, v_pages, md: StepMetadata, *, mesh: Mesh | None, scale: float,
-                    sliding_window=None, soft_cap=None, alibi_slopes=None):
+                    sliding_window=None, soft_cap=None, alibi_slopes=None, relative_bias=None):
     """q [T, H, D] against the paged cache (which already holds this step's keys).
     With ``mesh`` (tensor parallelism), each device attends its own heads to its own KV
-    heads under shard_map."""
+    heads under shard_map. ``relative_bias``: T5's (reference.RelativeBias; one device)."""
     kwargs = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if mesh is None or mesh.shape[TP_AXIS] == 1:
-        return _paged_attention_local(q, k_pages, v_pages, md, alibi_slopes=alibi_slopes, **kwargs)
+        return _paged_attention_local(q, k_pages, v_pages, md, alibi_slopes=alibi_slopes,
+                                      relative_bias=relative_bias, **kwargs)
+    if relative_bias is not None:  # the engine refuses T5 with TP > 1 before it gets here
+        raise NotImplementedError("relative position biases (T5) under tensor parallelism")
     heads, rep = P(None, TP_AXIS, None), P()
     md_specs = jax.tree_util.tree_map(lambda _: rep, md)
     fn = functools.partial(_paged_attention_local, **kwargs)
@@ -36,9 +40,11 @@ def paged_attention(q, k_pages, v_pages, md: StepMetadata, *, mesh: Mesh | None,
 
 
 def _paged_attention_local(q, k_pages, v_pages, md: StepMetadata, *, scale: float,
-                           sliding_window=None, soft_cap=None, alibi_slopes=None):
+                           sliding_window=None, soft_cap=None, alibi_slopes=None, relative_bias=None):
     kwargs = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   alibi_slopes=alibi_slopes)
+    if relative_bias is not None:  # only the XLA paths take it (the engine picks xla for T5)
+        kwargs["relative_bias"] = relative_bias
     block_size = k_pages.shape[2]
     if md.backend == "xla":
         # The tiled XLA path (its cost follows the live context); the reference it
@@ -60,3 +66,22 @@ def _paged_attention_local(q, k_pages, v_pages, md: StepMetadata, *, scale: floa
 
 def write_kv(k_pages, v_pages, k_new, v_new, md: StepMetadata):
     return reference.write_kv_pages(k_pages, v_pages, k_new, v_new, md.slot_mapping)
+
+
+def paged_cross_attention(q, k_pages, v_pages, md: StepMetadata, *, mesh: Mesh | None, scale: float):
+    """Non-causal attention of each decoder token q [T, H, D] over its sequence's encoder
+    K/V, held in the cross blocks (md.cross_block_tables, md.cross_lens). It is the paged
+    attention of every backend with each query placed at its encoder's last position
+    (cross_lens - 1): causality then hides nothing, and the keys read stop at the
+    encoder's length."""
+    cross_md = dataclasses.replace(md, block_tables=md.cross_block_tables, seq_lens=md.cross_lens,
+                                   positions=md.cross_lens[md.token_seq_ids] - 1)
+    return paged_attention(q, k_pages, v_pages, cross_md, mesh=mesh, scale=scale)
+
+
+def encoder_attention(q, k, v, md: StepMetadata, *, scale: float, relative_bias=None):
+    """Bidirectional attention among the step's own tokens (an encoder pass: no cache).
+    In an encoder step's metadata, padding tokens have token_seq_ids -1: none sees them."""
+    return xla_attention.packed_bidirectional_attention(
+        q, k, v, md.token_seq_ids, md.positions, md.token_seq_ids < 0, scale=scale,
+        relative_bias=relative_bias)

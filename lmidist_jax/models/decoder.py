@@ -16,9 +16,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from pallas_kernels.reference import RelativeBias
+
 from ..parallel import TP_AXIS
-from .attention import paged_attention, write_kv
-from .layers import Embedding, Norm, make_mlp
+from .attention import encoder_attention, paged_attention, paged_cross_attention, write_kv
+from pallas_kernels import fused_ops
+
+from .layers import Embedding, Norm, fused_ops_mode, make_mlp
 from .linear import FusedLayout, LinearSpec, linear_factory, param
 from .rope import RotaryEmbedding
 from .spec import ModelSpec
@@ -38,6 +42,9 @@ def qkv_linear_spec(spec: ModelSpec, layer: int) -> LinearSpec:
 
 
 class Attention(nnx.Module):
+    """Self-attention. With a KV cache: causal, over the paged cache. Without one (an
+    encoder pass): bidirectional among the step's own tokens of each sequence."""
+
     def __init__(self, spec: ModelSpec, layer: int, make_linear, mesh: Mesh | None, dtype):
         self.spec = spec
         self.mesh = mesh
@@ -45,6 +52,12 @@ class Attention(nnx.Module):
         self.scale = spec.layer_scale(layer)
         self.rope = spec.layer_rope(layer) if spec.position_type == "rope" else None
         self.num_kv_heads = spec.layer_kv_heads(layer)
+        # One kernel can rotate q and k and write the pages when nothing runs between the
+        # projection and the rotation (no clip, no q/k norm) and the rotary is the plain
+        # half-split one over all of head_dim; on one device (no shard_map around it).
+        self.rope_fusable = (self.rope is not None and mesh is None and spec.clip_qkv is None
+                             and not spec.qk_norm and not spec.rope_interleaved
+                             and (spec.rotary_dim or spec.head_dim) == spec.head_dim)
         self.qkv_proj = make_linear(qkv_linear_spec(spec, layer))
         self.o_proj = make_linear(LinearSpec("o", spec.q_size, (spec.hidden_size,), ("heads", "embed"),
                                              use_bias=spec.o_bias))
@@ -57,11 +70,16 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, kv_cache, md: StepMetadata, rotary: dict, alibi_slopes):
+    def __call__(self, x, kv_cache, md: StepMetadata, rotary: dict, alibi_slopes, relative_bias=None):
         spec = self.spec
         num_tokens = x.shape[0]
         group = spec.num_heads // self.num_kv_heads
         qkv = self.qkv_proj(x, md)  # [T, KVH, G + 2, D]
+        if kv_cache is not None and self.rope_fusable and (mode := fused_ops_mode(md)):
+            emb, (cos, sin) = rotary[self.rope]
+            q, k_pages, v_pages = fused_ops.rope_write_kv(qkv, cos, sin, *kv_cache, md.slot_mapping,
+                                                          interpret=mode == "interpret")
+            return self._paged_attention(q, k_pages, v_pages, md, alibi_slopes, relative_bias)
         if spec.clip_qkv is not None:
             qkv = jnp.clip(qkv, -spec.clip_qkv, spec.clip_qkv)
         q = qkv[:, :, :group].reshape(num_tokens, spec.num_heads, spec.head_dim)
@@ -74,22 +92,65 @@ class Attention(nnx.Module):
         if self.rope is not None:
             emb, (cos, sin) = rotary[self.rope]
             q, k = emb.apply(q, cos, sin), emb.apply(k, cos, sin)
+        if kv_cache is None:  # an encoder pass
+            out = encoder_attention(q, k, v, md, scale=self.scale, relative_bias=relative_bias)
+            return self.o_proj(out.reshape(num_tokens, spec.q_size), md), None
         k_pages, v_pages = write_kv(*kv_cache, k, v, md)
+        return self._paged_attention(q, k_pages, v_pages, md, alibi_slopes, relative_bias)
+
+    def _paged_attention(self, q, k_pages, v_pages, md, alibi_slopes, relative_bias):
+        """q [T, H, D] over the paged cache (already holding this step's keys), then o_proj."""
+        spec = self.spec
         out = paged_attention(q, k_pages, v_pages, md, mesh=self.mesh, scale=self.scale,
                               sliding_window=self.sliding_window,
-                              soft_cap=spec.attn_logit_softcap, alibi_slopes=alibi_slopes)
-        return self.o_proj(out.reshape(num_tokens, spec.q_size), md), (k_pages, v_pages)
+                              soft_cap=spec.attn_logit_softcap, alibi_slopes=alibi_slopes,
+                              relative_bias=relative_bias)
+        return self.o_proj(out.reshape(q.shape[0], spec.q_size), md), (k_pages, v_pages)
+
+
+class CrossAttention(nnx.Module):
+    """A decoder layer's attention over the encoder's output (T5's EncDecAttention). Its
+    K/V are computed once per request (``write``) into the sequence's cross blocks of the
+    layer's paged cache; every decoder step then reads them (non-causal, no position bias)."""
+
+    def __init__(self, spec: ModelSpec, make_linear, mesh: Mesh | None):
+        self.spec = spec
+        self.mesh = mesh
+        kv_heads, head_dim = spec.num_kv_heads, spec.head_dim
+        self.q_proj = make_linear(LinearSpec("cross_q", spec.hidden_size, (spec.q_size,), ("embed", "heads")))
+        layout = FusedLayout(axis=1, parts=(("k", (kv_heads, 1, head_dim)), ("v", (kv_heads, 1, head_dim))))
+        self.kv_proj = make_linear(LinearSpec("cross_kv", spec.hidden_size, (kv_heads, 2, head_dim),
+                                              ("embed", "kv_heads", None, None), fused=layout))
+        self.o_proj = make_linear(LinearSpec("cross_o", spec.q_size, (spec.hidden_size,), ("heads", "embed")))
+
+    def write(self, encoder_out, kv_cache, encoder_md: StepMetadata):
+        """encoder_out [E, embed] -> its K/V written at encoder_md.slot_mapping (the cross blocks)."""
+        kv = self.kv_proj(encoder_out, encoder_md)  # [E, KVH, 2, D]
+        return write_kv(*kv_cache, kv[:, :, 0], kv[:, :, 1], encoder_md)
+
+    def __call__(self, x, kv_cache, md: StepMetadata):
+        q = self.q_proj(x, md).reshape(x.shape[0], self.spec.num_heads, self.spec.head_dim)
+        out = paged_cross_attention(q, *kv_cache, md, mesh=self.mesh, scale=self.spec.scale)
+        return self.o_proj(out.reshape(x.shape[0], self.spec.q_size), md)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, spec: ModelSpec, layer: int, make_linear, mesh, dtype):
+    """One transformer layer. ``cross_attention``: a cross-attention block over the
+    encoder's output between self-attention and the MLP (T5's decoder layers)."""
+
+    def __init__(self, spec: ModelSpec, layer: int, make_linear, mesh, dtype, cross_attention: bool = False):
         self.parallel_residual = spec.parallel_residual
         self.post_norm = spec.post_norm
         self.residual_from_norm = spec.residual_from_norm
+        self.fuse_glue = mesh is None  # the fused kernels run on one device (no shard_map)
         if spec.parallel_residual and (spec.post_norm or spec.residual_from_norm):
             raise ValueError("post_norm and residual_from_norm are sequential-residual layouts")
         self.input_norm = Norm.of(spec, dtype=dtype)
         self.attn = Attention(spec, layer, make_linear, mesh, dtype)
+        if cross_attention and (spec.parallel_residual or spec.post_norm or spec.residual_from_norm):
+            raise ValueError("cross-attention layers are pre-norm sequential-residual layers")
+        self.cross_norm = Norm.of(spec, dtype=dtype) if cross_attention else None
+        self.cross_attn = CrossAttention(spec, make_linear, mesh) if cross_attention else None
         shared = spec.parallel_residual and spec.shared_input_norm
         self.pre_mlp_norm = None if shared else Norm.of(spec, dtype=dtype)
         self.attn_out_norm = Norm.of(spec, dtype=dtype) if spec.sandwich_norms else None
@@ -100,22 +161,42 @@ class DecoderLayer(nnx.Module):
         out = self.mlp(h, md)
         return out if self.mlp_out_norm is None else self.mlp_out_norm(out)
 
-    def __call__(self, x, kv_cache, md, rotary, alibi_slopes):
-        h = x if self.post_norm else self.input_norm(x)
-        attn_out, kv_cache = self.attn(h, kv_cache, md, rotary, alibi_slopes)
+    def __call__(self, x, kv_cache, md, rotary, alibi_slopes, relative_bias=None):
+        x, pending, kv_cache = self.forward(x, None, kv_cache, md, rotary, alibi_slopes, relative_bias)
+        return (x if pending is None else x + pending), kv_cache
+
+    def forward(self, x, residual, kv_cache, md, rotary, alibi_slopes, relative_bias=None):
+        """The layer on input x + residual (residual: the previous layer's last branch
+        output, not yet added; None: nothing pending). Returns (x, pending, kv_cache) with
+        output x + pending (pending None: x is the output). Leaving the last residual add
+        to the next layer lets it run inside that layer's norm kernel on GPUs."""
+        mode = fused_ops_mode(md) if self.fuse_glue else None
+        if self.post_norm:
+            x = x if residual is None else x + residual
+            h = x
+        else:
+            x, h = self.input_norm.add_and_norm(x, residual, mode)
+        attn_out, new_cache = self.attn(h, kv_cache, md, rotary, alibi_slopes, relative_bias)
+        if self.cross_attn is not None:  # T5: x + self_attn, then + cross_attn, then + MLP
+            x = x + attn_out
+            attn_out = self.cross_attn(self.cross_norm(x), new_cache, md)
+        kv_cache = new_cache
         if self.attn_out_norm is not None:
             attn_out = self.attn_out_norm(attn_out)
         if self.parallel_residual:
             # x + attn(ln1(x)) + mlp(ln2(x)), or mlp(ln1(x)) with one shared norm.
             mlp_in = h if self.pre_mlp_norm is None else self.pre_mlp_norm(x)
-            return x + attn_out + self._mlp(mlp_in, md), kv_cache
+            return x + attn_out + self._mlp(mlp_in, md), None, kv_cache
         if self.post_norm:  # OPT-350m: norm after each residual add
             x = self.input_norm(x + attn_out)
-            return self.pre_mlp_norm(x + self._mlp(x, md)), kv_cache
+            return self.pre_mlp_norm(x + self._mlp(x, md)), None, kv_cache
         # BLOOM's apply_residual_connection_post_layernorm adds to the normed input instead.
-        x = (h if self.residual_from_norm else x) + attn_out
-        h = self.pre_mlp_norm(x)
-        return (h if self.residual_from_norm else x) + self._mlp(h, md), kv_cache
+        if self.residual_from_norm:
+            x = h + attn_out
+            h = self.pre_mlp_norm(x)
+            return h + self._mlp(h, md), None, kv_cache
+        x, h = self.pre_mlp_norm.add_and_norm(x, attn_out, mode)  # one kernel on GPUs
+        return x, self._mlp(h, md), kv_cache
 
 
 class DecoderModel(nnx.Module):
@@ -150,8 +231,23 @@ class DecoderModel(nnx.Module):
                                         dtype, (None, "embed"))
         else:
             self.position_embed = None
-        self.layers = nnx.List([DecoderLayer(spec, i, make_linear, mesh, dtype) for i in range(spec.num_layers)])
+        cross = spec.is_encoder_decoder
+        self.layers = nnx.List([DecoderLayer(spec, i, make_linear, mesh, dtype, cross_attention=cross)
+                                for i in range(spec.num_layers)])
         self.final_norm = Norm.of(spec, dtype=dtype) if spec.final_norm else None
+        # T5: one relative-position bias table per stack [buckets, heads], shared by its layers.
+        relative = spec.position_type == "relative"
+        self.relative_bias = param((spec.relative_num_buckets, spec.num_heads), dtype, (None, "heads")) \
+            if relative else None
+        # Encoder-decoder: the encoder is the same layer kind, run without a cache (bidirectional).
+        if cross:
+            self.encoder_layers = nnx.List([DecoderLayer(spec, i, make_linear, mesh, dtype)
+                                            for i in range(spec.num_encoder_layers)])
+            self.encoder_final_norm = Norm.of(spec, dtype=dtype)
+            self.encoder_relative_bias = param((spec.relative_num_buckets, spec.num_heads), dtype,
+                                               (None, "heads")) if relative else None
+        else:
+            self.encoder_layers = self.encoder_final_norm = self.encoder_relative_bias = None
         self.lm_head = (None if spec.tie_word_embeddings else
                         make_linear(LinearSpec("lm_head", embed_size, (spec.vocab_size,),
                                                ("embed", "vocab"), use_bias=spec.lm_head_bias)))
@@ -177,18 +273,43 @@ class DecoderModel(nnx.Module):
         alibi_slopes = None
         if spec.position_type == "alibi":
             alibi_slopes = alibi_slopes_for(spec.num_heads, spec.alibi_bias_max) * spec.alibi_scale
-        new_caches = []
+        relative_bias = self._relative_bias(self.relative_bias, bidirectional=False)
+        new_caches, pending = [], None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, kv_cache = layer(x, kv_cache, md, rotary, alibi_slopes)
+            x, pending, kv_cache = layer.forward(x, pending, kv_cache, md, rotary, alibi_slopes, relative_bias)
             new_caches.append(kv_cache)
         if self.final_norm is not None:
-            x = self.final_norm(x)
+            mode = fused_ops_mode(md) if self.layers[0].fuse_glue else None
+            x = self.final_norm.add_and_norm(x, pending, mode)[1]
+        elif pending is not None:
+            x = x + pending
         if self.project_out is not None:
             x = self.project_out(x, md)
         return x, new_caches
 
+    def _relative_bias(self, table, *, bidirectional: bool):
+        if table is None:
+            return None
+        return RelativeBias(table[...].astype(jnp.float32).T, self.spec.relative_num_buckets,
+                            self.spec.relative_max_distance, bidirectional)
+
+    def encode(self, token_ids, kv_caches, md: StepMetadata):
+        """Encoder-decoder models: the encoder over token_ids [E] (tokens of several prompts;
+        ``md``: positions within each prompt, token_seq_ids -1 for padding, slot_mapping the
+        cross blocks of each token), then every decoder layer's cross-attention K/V written
+        into its paged cache at md.slot_mapping. Returns the updated kv_caches."""
+        with _matmul_precision(self.dtype):
+            x = self.embed(token_ids).astype(self.dtype)
+            relative_bias = self._relative_bias(self.encoder_relative_bias, bidirectional=True)
+            for layer in self.encoder_layers:
+                x, _ = layer(x, None, md, {}, None, relative_bias)
+            x = self.encoder_final_norm(x)
+            return [layer.cross_attn.write(x, kv_cache, md) for layer, kv_cache in zip(self.layers, kv_caches)]
+
     def logits(self, hidden, md: StepMetadata | None = None):
         """hidden [N, embed] -> float32 logits [N, vocab]."""
+        if self.spec.head_input_scale is not None:
+            hidden = hidden * jnp.asarray(self.spec.head_input_scale, hidden.dtype)
         with _matmul_precision(self.dtype):
             logits = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden, md)
         logits = logits.astype(jnp.float32)

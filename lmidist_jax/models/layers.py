@@ -7,11 +7,33 @@ factory (``linear.py``), so a block never knows which linear kind it holds.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import fused_ops
+
 from .linear import FusedLayout, LinearSpec, param
+
+# LMIDIST_FUSED_OPS: "auto" (the fused Pallas glue kernels on GPU backends, XLA on the
+# CPU), "off" (XLA everywhere: the A/B baseline), "interpret" (the kernels in Pallas
+# interpret mode on any backend: tests).
+FUSED_OPS_MODES = ("auto", "off", "interpret")
+
+
+def fused_ops_mode(md) -> str | None:
+    """How this step runs the fused glue kernels (pallas_kernels/fused_ops.py): "pallas",
+    "interpret", or None (plain XLA). Read at trace time."""
+    mode = os.environ.get("LMIDIST_FUSED_OPS", "auto")
+    if mode not in FUSED_OPS_MODES:
+        raise ValueError(f"LMIDIST_FUSED_OPS={mode!r} is not valid; accepted: {', '.join(FUSED_OPS_MODES)}")
+    if mode == "off":
+        return None
+    if mode == "interpret":
+        return "interpret"
+    return None if md.backend == "xla" else "pallas"
 
 
 class Norm(nnx.Module):
@@ -50,6 +72,16 @@ class Norm(nnx.Module):
         if self.bias is not None:
             x = x + self.bias[...].astype(jnp.float32)
         return x.astype(dtype)
+
+    def add_and_norm(self, x, delta, mode: str | None = None):
+        """(x + delta, norm(x + delta)); delta None: (x, norm(x)). ``mode`` (fused_ops_mode)
+        runs an RMSNorm as one fused kernel instead of XLA's add, reduction and scaling."""
+        if mode and self.norm_type == "rms" and self.scale is not None:
+            return fused_ops.add_rms_norm(x, delta, self.scale[...], eps=self.eps,
+                                          scale_plus_one=self.scale_plus_one, interpret=mode == "interpret")
+        if delta is not None:
+            x = x + delta
+        return x, self(x)
 
 
 class Embedding(nnx.Module):

@@ -50,7 +50,8 @@ class ModelSpec:
     # False: no norm after the last layer (OPT-350m, OPT _remove_final_layer_norm).
     final_norm: bool = True
 
-    # Positions: "rope" | "alibi" | "learned" | "none".
+    # Positions: "rope" | "alibi" | "learned" | "relative" (T5: a learned bias per head and
+    # bucket of key - query position, computed once per stack and shared by its layers) | "none".
     position_type: str = "rope"
     rope_theta: float = 10000.0
     rotary_dim: int | None = None  # < head_dim for partial rotary (GPT-NeoX, Phi)
@@ -60,6 +61,16 @@ class ModelSpec:
     rope_local_theta: float | None = None
     # Learned absolute positions (GPT-2, StarCoder, OPT): row = position + offset (OPT: 2).
     position_offset: int = 0
+    # Relative positions (T5): buckets and the distance beyond which they all coincide.
+    relative_num_buckets: int = 32
+    relative_max_distance: int = 128
+
+    # Encoder-decoder (T5): an encoder of this many layers (the same layer kind, with
+    # bidirectional attention and no cache) runs once over the prompt; every decoder layer
+    # then has a cross-attention block over the encoder's output. 0: decoder-only.
+    num_encoder_layers: int = 0
+    # The decoder's first input token (T5: the pad token).
+    decoder_start_token_id: int | None = None
 
     # Attention.
     # How the checkpoint packs q/k/v when one family has several packings
@@ -99,6 +110,9 @@ class ModelSpec:
     # (tied) LM head; project_in / project_out (no bias) map it to and from hidden_size.
     word_embed_size: int | None = None
     final_logit_softcap: float | None = None
+    # The final hidden state is multiplied by this before the LM head (T5 v1.0's tied head:
+    # d_model ** -0.5).
+    head_input_scale: float | None = None
 
     # Mixture of experts (mlp_type "moe": Mixtral, DBRX, Qwen2-MoE): num_experts gated
     # experts of intermediate_size each; a softmax router picks num_experts_per_token per
@@ -127,6 +141,10 @@ class ModelSpec:
 
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.num_encoder_layers > 0
 
     @property
     def q_size(self) -> int:

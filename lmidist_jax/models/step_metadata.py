@@ -27,6 +27,10 @@ class StepMetadata:
     logits_indices: jax.Array  # [S] int32 token index whose logits each sequence samples from
     # [T] int32 LoRA adapter slot of each token (0 = none); None when LoRA is off.
     lora_slots: jax.Array | None = None
+    # Encoder-decoder models (T5): each sequence's cross-attention K/V blocks (its second
+    # block table) and its encoder length; None for decoder-only models.
+    cross_block_tables: jax.Array | None = None  # [S, W] int32
+    cross_lens: jax.Array | None = None          # [S] int32 (0 for padding)
     # Static: every sequence has exactly one new token at position seq_len - 1 and
     # tokens are ordered like sequences (T == S). Selects the decode kernel.
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
@@ -38,8 +42,10 @@ class StepMetadataBuilder:
     one sequence at a time; what is not filled stays padding."""
 
     def __init__(self, num_tokens: int, num_seqs: int, max_blocks: int, block_size: int,
-                 lora: bool = False):
+                 lora: bool = False, cross: bool = False):
         self.block_size = block_size
+        self.cross_block_tables = np.zeros((num_seqs, max_blocks), np.int32) if cross else None
+        self.cross_lens = np.zeros(num_seqs, np.int32) if cross else None
         self.lora_slots = np.zeros(num_tokens, np.int32) if lora else None
         self.positions = np.zeros(num_tokens, np.int32)
         self.slot_mapping = np.zeros(num_tokens, np.int32)  # padding writes into trash block 0
@@ -64,7 +70,13 @@ class StepMetadataBuilder:
         self.num_tokens = t + count
         return slice(t, t + count)
 
+    def add_cross(self, row: int, cross_block_ids, encoder_len: int) -> None:
+        """Sequence ``row`` reads its encoder's K/V (``encoder_len`` tokens) from ``cross_block_ids``."""
+        self.cross_block_tables[row, :len(cross_block_ids)] = np.asarray(cross_block_ids, np.int32)
+        self.cross_lens[row] = encoder_len
+
     def build(self, *, decode_only: bool = False, backend: str = "xla") -> StepMetadata:
         return StepMetadata(self.positions, self.slot_mapping, self.token_seq_ids, self.block_tables,
                             self.seq_lens, self.logits_indices, lora_slots=self.lora_slots,
+                            cross_block_tables=self.cross_block_tables, cross_lens=self.cross_lens,
                             decode_only=decode_only, backend=backend)

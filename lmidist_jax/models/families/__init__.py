@@ -76,3 +76,4 @@ from . import (  # noqa: E402,F401  (registrations)
     starcoder2,
 )
 from . import dbrx, mixtral  # noqa: E402,F401  (mixture-of-experts registrations)
+from . import t5  # noqa: E402,F401  (encoder-decoder)
