@@ -30,6 +30,9 @@ for stage in "${stages[@]}"; do
     kernels) run kernels 240 python3 benchmarks/kernels.py ;;
     latency) run latency 300 python3 benchmarks/latency.py --shape llama3-8b --dtype bf16 \
                --input-len 128 --output-len 256 --option decode_steps=8 ;;
+    step_profile) run step_profile 420 python3 benchmarks/step_profile.py --shape llama3-8b --dtype bf16 ;;
+    latency_default) run latency_default 300 python3 benchmarks/latency.py --shape llama3-8b --dtype bf16 \
+               --input-len 128 --output-len 256 --name latency-default ;;
     latency1) run latency1 300 python3 benchmarks/latency.py --shape llama3-8b --dtype bf16 \
                --input-len 128 --output-len 256 --option decode_steps=1 --name latency-k1 ;;
     spec_decode) run spec_decode 570 python3 benchmarks/spec_decode.py --shape llama3-8b --dtype bf16 \
@@ -38,7 +41,7 @@ for stage in "${stages[@]}"; do
                --num-requests 1000 --input-len 1024 --output-len 128 --option max_rolling_batch_size=256 \
                --option max_rolling_batch_prefill_tokens=8192 --option max_model_len=2048 --option decode_steps=8 ;;
     compare_hf) run compare_hf 300 python3 benchmarks/compare_hf.py --shape llama3-8b --num-requests 1 \
-               --input-len 128 --output-len 128 --option decode_steps=8 ;;
+               --input-len 128 --output-len 128 ;;
     tp1) run latency_tp1 150 python3 benchmarks/latency.py --shape llama3-8b --dtype bf16 \
                --input-len 128 --output-len 256 --option decode_steps=8 --option tensor_parallel_degree=1 --name latency-tp1 ;;
     latency_cb) run latency_cb 150 env XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL \

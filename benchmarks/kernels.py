@@ -139,12 +139,14 @@ def rel_err(a, b) -> float:
 
 
 def copy_bandwidth() -> dict:
-    n = 1 << (16 if SMOKE else 30)  # 1 Gi bf16 elements = 2 GiB
-    x = jax.random.normal(jax.random.key(0), (n,), DT)
-    f = jax.jit(lambda x: x + 1)
-    t, spread = time_fn(f, (x,), 1, samples=10, queue=5)
-    del x
-    return {"bytes": 2 * 2 * n, "time_s": t, "gb_per_s": 2 * 2 * n / t / 1e9, "spread": spread}
+    """The roofline's bandwidth: the best of every device copy and read-only stream
+    measured in this process (common.device_copy_bandwidth: XLA, torch), not XLA's copy
+    alone, which reaches ~3.2 of the ~4.2 TB/s a torch copy reaches on an H200."""
+    from benchmarks.common import device_copy_bandwidth
+
+    copies = device_copy_bandwidth(1 << 20, 3) if SMOKE else device_copy_bandwidth()
+    return {"gb_per_s": copies["best"] / 1e9,
+            "by_method_GBps": {k: v / 1e9 for k, v in copies.items() if isinstance(v, float)}}
 
 
 class DecodeCase:
@@ -445,7 +447,7 @@ def main():
     t0 = time.perf_counter()
     copy = copy_bandwidth()
     result["copy_bandwidth"] = copy
-    log(f"copy bandwidth: {copy['gb_per_s']:.0f} GB/s (read+write)")
+    log(f"copy bandwidth: {copy['gb_per_s']:.0f} GB/s (best of {copy['by_method_GBps']})")
     rows: list = []
     result["rows"] = rows
     if not args.no_correctness:

@@ -53,6 +53,8 @@ def main():
     parser.add_argument("--calls", type=int, default=3, help="generate calls on one cache (1 cold, then warm)")
     parser.add_argument("--serve-warmup", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--name", default="startup", help="result file name prefix (results/NAME-DEVICE-DATE.json)")
+    parser.add_argument("--note", default=None, help="a note stored in the result")
     args = parser.parse_args()
 
     from lmidist_jax.model_store import resolve_model
@@ -62,6 +64,8 @@ def main():
     cache = tempfile.mkdtemp(prefix="lmidist-startup-cache-")
     result = {"benchmark": "startup", "model": args.model, "max_new_tokens": args.max_new_tokens,
               "load_before": [round(x, 2) for x in os.getloadavg()]}
+    if args.note:
+        result["note"] = args.note
     try:
         calls = []
         for i in range(args.calls):
@@ -72,6 +76,8 @@ def main():
             print(f"generate call {i + 1}: {seconds:.1f} s", flush=True)
         result["generate_calls"] = calls
         result["cache_entries"] = len(os.listdir(cache))
+        executables = os.path.join(cache, "executables")  # engine/executable_cache.py
+        result["executable_cache_entries"] = len(os.listdir(executables)) if os.path.isdir(executables) else 0
         result["summary"] = {"first_after_setup_s": calls[0]["seconds"],
                              "second_call_s": calls[1]["seconds"] if len(calls) > 1 else None,
                              "goals": {"first_after_setup_s": "< 60", "second_call_s": "< 15"}}
@@ -90,7 +96,7 @@ def main():
         shutil.rmtree(cache, ignore_errors=True)
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     print(result["summary"])
-    print("wrote", write_result("startup", result, args.out))
+    print("wrote", write_result(args.name, result, args.out))
 
 
 if __name__ == "__main__":

@@ -137,11 +137,12 @@ def main():
 
     if jax.devices()[0].platform != "cpu":
         # The ceilings, measured in the same run: time the FLOPs and bytes allow.
-        from benchmarks.latency import copy_bandwidth, matmul_flops
+        from benchmarks.common import device_copy_bandwidth
+        from benchmarks.latency import matmul_flops
 
         params = engine.runner.model.num_parameter_bytes / jnp.dtype(engine.runner.model.dtype).itemsize
         flops = 2 * params * (in_tokens + out_tokens)
-        rate, bandwidth = matmul_flops(), copy_bandwidth()
+        rate, bandwidth = matmul_flops(), device_copy_bandwidth()["best"]
         floor = max(flops / rate, steps * engine.runner.model.num_parameter_bytes / bandwidth)
         result.update(matmul_tflops=rate / 1e12, copy_bandwidth_GBps=bandwidth / 1e9,
                       matmul_flops=flops, floor_s=floor, fraction_of_floor=floor / elapsed)
