@@ -116,3 +116,19 @@ def test_steps_jax_cached_are_stored_fresh(model_dir, reference_tokens, tmp_path
     assert (tokens, runner.executable_cache.misses) == (reference_tokens, 2)
     tokens, runner = _generate(model_dir, tmp_path)  # loads and runs what was stored
     assert (tokens, runner.num_step_traces, runner.executable_cache.hits) == (reference_tokens, 0, 2)
+
+
+def test_mesh_smaller_than_the_process_loads_onto_its_own_devices(model_dir, tmp_path):
+    """TP=2 in a process of 4 devices: the stored step is loaded onto the mesh's two devices
+    (loading onto all four aborted the process in an XLA check)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    options = json.dumps(ENGINE | {"tensor_parallel_degree": 2})
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", CHILD, model_dir, str(tmp_path), options],
+                              capture_output=True, text=True, cwd=TESTS, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs[0]["misses"] >= 1 and runs[0]["traces"] >= 1
+    assert runs[1]["traces"] == 0 and runs[1]["hits"] >= 1 and runs[1]["misses"] == 0, runs[1]
+    assert runs[1]["tokens"] == runs[0]["tokens"]

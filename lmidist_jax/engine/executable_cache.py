@@ -70,6 +70,20 @@ def _signature(args) -> dict:
     return {"treedef": str(treedef), "avals": avals}
 
 
+def _devices(args):
+    """The devices the step runs on, in its device assignment's order (its arguments'
+    mesh), or None when no argument says. An executable must be loaded onto exactly
+    these: by default deserialization takes every device of the process, which aborts
+    (an XLA check, not an exception) for a mesh smaller than the process's devices."""
+    for leaf in jax.tree_util.tree_leaves((tuple(args), {})):
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None:
+            continue
+        devices = getattr(sharding, "_device_assignment", None)
+        return list(devices) if devices else sorted(sharding.device_set, key=lambda d: d.id)
+    return None
+
+
 _fresh_lock = threading.Lock()
 _fresh_users = 0
 _fresh_saved = True
@@ -120,7 +134,8 @@ class ExecutableCache:
         return cls(os.path.join(base, SUBDIR), program)
 
     def _key(self, bucket, args) -> tuple[str, bytes]:
-        text = json.dumps({**self._base, "bucket": list(bucket), "args": _signature(args)},
+        devices = [d.id for d in _devices(args) or ()]
+        text = json.dumps({**self._base, "bucket": list(bucket), "args": _signature(args), "devices": devices},
                           sort_keys=True, default=str).encode()
         return hashlib.sha256(text).hexdigest(), text
 
@@ -129,6 +144,10 @@ class ExecutableCache:
         unreadable / stale entry)."""
         from jax.experimental.serialize_executable import deserialize_and_load
 
+        devices = _devices(args)
+        if devices is None:
+            self.misses += 1
+            return None
         name, key_text = self._key(bucket, args)
         path = self.directory / f"{name}.exe"
         try:
@@ -137,7 +156,7 @@ class ExecutableCache:
             if stored_key != key_text:
                 raise ValueError("the entry's key differs from its name's")
             in_tree = jax.tree_util.tree_structure((tuple(args), {}))
-            compiled = deserialize_and_load(serialized, in_tree, out_tree)
+            compiled = deserialize_and_load(serialized, in_tree, out_tree, execution_devices=devices)
         except FileNotFoundError:
             self.misses += 1
             return None
@@ -152,6 +171,8 @@ class ExecutableCache:
         """Writes the entry (atomically); a failure is logged at debug and ignored."""
         from jax.experimental.serialize_executable import serialize
 
+        if _devices(args) is None:
+            return
         name, key_text = self._key(bucket, args)
         tmp = None
         try:
