@@ -16,6 +16,17 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(TEST_COMPILATION_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (after the environment: jax reads it at import)
+import pytest  # noqa: E402
 
 if jax.config.jax_compilation_cache_dir is None:
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+@pytest.fixture
+def restore_jax_cache_dir():
+    """For tests that move JAX's compilation cache directory: gives the suite's back afterwards."""
+    from lmidist_jax.engine.factory import configure_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    yield
+    configure_compilation_cache(before)

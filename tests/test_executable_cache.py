@@ -8,12 +8,10 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from lmidist_jax import LLM, SamplingParams
 from lmidist_jax.engine import executable_cache
-from lmidist_jax.engine.factory import configure_compilation_cache
 from tiny_models import make_model
 
 ENGINE = dict(dtype="fp32", max_model_len=32, block_size=4, num_kv_blocks=32, max_rolling_batch_size=2,
@@ -30,13 +28,6 @@ runner = llm.engine.runner
 print(json.dumps({"tokens": out.token_ids, "traces": runner.num_step_traces,
                   "hits": runner.executable_cache.hits, "misses": runner.executable_cache.misses}))
 """
-
-
-@pytest.fixture
-def restore_jax_cache_dir():
-    before = jax.config.jax_compilation_cache_dir
-    yield
-    configure_compilation_cache(before)
 
 
 @pytest.fixture(scope="module")

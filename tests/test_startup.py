@@ -15,14 +15,6 @@ ENGINE = dict(dtype="fp32", max_model_len=64, block_size=4, num_kv_blocks=64, ma
               max_rolling_batch_prefill_tokens=64, progress=False)
 
 
-@pytest.fixture
-def restore_jax_cache_dir():
-    """These tests move JAX's cache directory: give the suite's back afterwards."""
-    before = jax.config.jax_compilation_cache_dir
-    yield
-    configure_compilation_cache(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("llama")
