@@ -81,21 +81,24 @@ def model_dir(tmp_path_factory):
     return str(directory)
 
 
-def _generate(model_dir, prompts):
+def _generate(model_dir, prompts, cache_dir):
     llm = LLM(model_dir, dtype="fp32", max_model_len=64, block_size=4, num_kv_blocks=64,
-              max_rolling_batch_size=4, max_rolling_batch_prefill_tokens=32, progress=False)
+              max_rolling_batch_size=4, max_rolling_batch_prefill_tokens=32, progress=False,
+              compilation_cache_dir=str(cache_dir))
     params = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     return [(o.token_ids, [e.logprob for e in o.outputs[0].logprobs]) for o in outs]
 
 
-def test_engine_with_fused_kernels_matches_xla(model_dir, monkeypatch):
+def test_engine_with_fused_kernels_matches_xla(model_dir, monkeypatch, tmp_path, restore_jax_cache_dir):
     """Prefill chunks and decode steps of three prompts: greedy tokens and logprobs with the
-    fused kernels (interpret mode) equal the plain XLA path's; the kernels were traced."""
+    fused kernels (interpret mode) equal the plain XLA path's; the kernels were traced.
+    A compilation cache of its own: with the suite's, a step stored by an earlier run of
+    this test (same sources) is loaded and nothing is traced."""
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(0, 128, n))) for n in (5, 19, 40)]
     monkeypatch.setenv("LMIDIST_FUSED_OPS", "off")
-    want = _generate(model_dir, prompts)
+    want = _generate(model_dir, prompts, tmp_path)
     calls = {"add_rms_norm": 0, "rope_write_kv": 0}
     for name in calls:
         original = getattr(fused_ops, name)
@@ -105,7 +108,7 @@ def test_engine_with_fused_kernels_matches_xla(model_dir, monkeypatch):
             return _original(*args, **kwargs)
         monkeypatch.setattr(fused_ops, name, counted)
     monkeypatch.setenv("LMIDIST_FUSED_OPS", "interpret")
-    got = _generate(model_dir, prompts)
+    got = _generate(model_dir, prompts, tmp_path)
     assert calls["add_rms_norm"] > 0 and calls["rope_write_kv"] > 0, calls
     assert [g[0] for g in got] == [w[0] for w in want]
     for (_, g), (_, w) in zip(got, want):
