@@ -50,3 +50,19 @@ def named_sharding(logical_axes, shape, mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def gather_for_sampling(logits, mesh: Mesh | None):
+    """Vocab-parallel logits gathered onto every device (inside a jitted step). The
+    sampler's reductions over the vocabulary (log-softmax, argmax, top-k/p sorts, the
+    penalty tables' rows) would otherwise each be partitioned into collectives of their
+    own: about ten small all-reduces, all-gathers and all-to-alls per step, and the
+    replicated penalty tables gathered whole. One all-gather of [rows, vocab] float32
+    replaces them; the sampling itself is cheap enough to run on every device."""
+    if mesh is None or mesh.size == 1:
+        return logits
+    # Pinned vocab-parallel first: with only the replicated constraint, propagation
+    # carries it back into the LM head's matmul and XLA gathers the weight instead.
+    axes = (None,) * (logits.ndim - 1) + ("vocab",)
+    logits = jax.lax.with_sharding_constraint(logits, named_sharding(axes, logits.shape, mesh))
+    return jax.lax.with_sharding_constraint(logits, replicated(mesh))

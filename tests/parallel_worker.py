@@ -31,6 +31,17 @@ PROMPTS = [list(map(int, rng.integers(0, 128, n))) for n in (3, 17, 30, 9)]
 PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
 
+def decode_collectives(llm):
+    """{op: count} of the collectives in the compiled batch-1 decode step."""
+    import collections
+    import re
+
+    runner = llm.engine.runner
+    hlo = runner._step.lower(*runner._args(runner.dummy_batch(1, 1, True), 1)).compile().as_text()
+    ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(", hlo)
+    return dict(collections.Counter(ops))
+
+
 def sharding_report(llm):
     """Each weight's placement vs the rules, and the KV pool split."""
     model = llm.engine.runner.model
@@ -55,6 +66,7 @@ if MODE == "tp":
         problems, shard_heads, kv_heads = sharding_report(llm)
         report[tp] = dict(tokens=[o.token_ids for o in outs], logits=logits.tolist(), problems=problems,
                           kv_shard_heads=shard_heads, kv_heads=kv_heads,
+                          num_layers=llm.engine.runner.spec.num_layers, collectives=decode_collectives(llm),
                           q_sharding=str(llm.engine.runner.model.state["layers"][0]["attn"]["qkv_proj"]["kernel"][...].sharding.spec))
     print("REPORT " + json.dumps(report))
 elif MODE == "orbax":

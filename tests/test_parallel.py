@@ -69,6 +69,11 @@ def test_tensor_parallel_degrees_agree(tp_degree_workers, kv_heads):
         # The KV pool is split over the devices by KV heads (replicated heads when TP > KV heads).
         assert r["kv_heads"] == max(kv_heads, int(tp))
         assert r["kv_shard_heads"] == [r["kv_heads"] // int(tp)]
+        # The decode step's communication: the row-parallel o and down projections' two
+        # all-reduces per layer, the vocab-parallel embedding's one, and one all-gather
+        # of the logits for the sampler (which runs replicated: no collectives of its own).
+        assert r["collectives"] == {"all-reduce": 2 * r["num_layers"] + 1, "all-gather": 1}, r["collectives"]
+    assert base["collectives"] == {}
 
 
 class BackgroundWorker:

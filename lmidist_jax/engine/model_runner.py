@@ -157,7 +157,7 @@ class ModelRunner:
             output_rows = jnp.where(token_is_output, token_slots, trash)
             prompt_mask = prompt_mask.at[prompt_rows, input_ids].set(True)
             output_counts = output_counts.at[output_rows, input_ids].add(1)
-            logits = module.logits(hidden[md.logits_indices])
+            logits = parallel.gather_for_sampling(module.logits(hidden[md.logits_indices]), self.mesh)
             out = sample(logits, prompt_mask, output_counts, slots, sampling, num_top)
             return kv_caches, prompt_mask, output_counts, out, prompt_lps
 

@@ -348,7 +348,7 @@ class SpecDecodeRunner:
                     slot_mapping=jnp.where(active, blocks * block_size + positions % block_size, 0),
                     decode_only=True)
                 hidden, draft_kv = draft_module(tokens, draft_kv, md)
-                new_tokens, q = draft_sample(draft_module.logits(hidden), sampling, sampling.sample_index + i)
+                new_tokens, q = draft_sample(parallel.gather_for_sampling(draft_module.logits(hidden), mesh), sampling, sampling.sample_index + i)
                 proposals = proposals.at[:, i].set(new_tokens)
                 probs = probs.at[:, i].set(q)
                 return draft_kv, new_tokens, proposals, probs
@@ -383,7 +383,8 @@ class SpecDecodeRunner:
             prompt_mask = prompt_mask.at[prompt_rows, input_ids].set(True)
             output_counts = output_counts.at[output_rows, input_ids].add(1)
             index = spec.sample_base[:, None] + jnp.minimum(jnp.arange(k + 1)[None, :], spec.num_proposals[:, None])
-            logits = target_module.logits(hidden[index.reshape(-1)]).reshape(index.shape + (-1,))
+            logits = parallel.gather_for_sampling(target_module.logits(hidden[index.reshape(-1)]), mesh)
+            logits = logits.reshape(index.shape + (-1,))
             out = verify(logits, proposals, draft_probs, spec.num_proposals, prompt_mask, output_counts,
                          batch.slots, batch.sampling, num_top)
             # Accepted proposals are computed output tokens from now on: count them.
