@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call = one run of this script: the GPU checks and benchmarks, logs and
 # JSON results under $OUT (or benchmarks/results/gpu when run elsewhere).
-#   bash benchmarks/gpu_suite.sh [stage ...]   stages: kernels latency throughput compare_hf tp spec_decode ...
+#   bash benchmarks/gpu_suite.sh [stage ...]   stages: kernels latency throughput compare_hf tp_profile tp2 70b ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu}"
@@ -50,6 +50,13 @@ for stage in "${stages[@]}"; do
     tp2_cb) run latency_tp2_cb 150 env XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL,COLLECTIVES \
                python3 benchmarks/latency.py --shape llama3-8b --dtype bf16 \
                --input-len 128 --output-len 256 --option decode_steps=8 --option tensor_parallel_degree=2 --name latency-tp2-cmdbuf ;;
+    tp_profile) # TP=1 and TP=2 batch-1 decode steps in one call, with XLA's all-reduce variants at TP=2.
+               run step_profile_tp1 420 python3 benchmarks/step_profile.py --shape llama3-8b --dtype bf16 \
+               --option tensor_parallel_degree=1 --decode-steps 8 --variants default --name step_profile-tp1
+               run step_profile_tp2 570 python3 benchmarks/step_profile.py --shape llama3-8b --dtype bf16 \
+               --option tensor_parallel_degree=2 --decode-steps 1,8 \
+               --variants default,ar_sync,ar_one_shot,nccl_symmetric,cmdbuf_collectives \
+               --profile default,ar_one_shot --name step_profile-tp2 ;;
     tp2) run latency_tp2 150 python3 benchmarks/latency.py --shape llama3-8b --dtype bf16 \
                --input-len 128 --output-len 256 --option decode_steps=8 --option tensor_parallel_degree=2 --name latency-tp2 ;;
     tp2_batch64) run throughput_tp2 300 python3 benchmarks/throughput.py --shape llama3-8b --dtype bf16 \
@@ -68,6 +75,12 @@ for stage in "${stages[@]}"; do
                --input-len 128 --output-len 256 --option decode_steps=8 --option tensor_parallel_degree=1 --name latency-warm-cache ;;
     70b) run latency_70b 540 python3 benchmarks/latency.py --shape llama2-70b --dtype bf16 \
                --input-len 128 --output-len 64 --option decode_steps=8 --option tensor_parallel_degree=max --name latency-70b ;;
+    70b_batch16) run throughput_70b_b16 540 python3 benchmarks/throughput.py --shape llama2-70b --dtype bf16 \
+               --num-requests 16 --input-len 128 --output-len 128 --option max_rolling_batch_size=16 \
+               --option max_model_len=512 --option decode_steps=8 --option tensor_parallel_degree=max --name throughput-70b-b16 ;;
+    70b_load) # 16 of the 80 layers: the checkpoint and its orbax copy must both fit the disk.
+               run orbax_70b 540 python3 benchmarks/orbax_cache.py --random llama2-70b --num-layers 16 \
+               --tensor-parallel-degree 2 --repeats 1 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

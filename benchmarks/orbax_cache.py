@@ -6,7 +6,11 @@ parameters (``save_converted``), in one run.
 
 ``--random SHAPE`` writes a random bf16 HF checkpoint of a shape from benchmarks/common.py
 (as ``model.safetensors`` or a PyTorch ``pytorch_model.bin``; needs torch) to a
-temporary directory and measures that.
+temporary directory and measures that. ``--num-layers`` cuts the shape's layer count
+(a 70B checkpoint and its orbax copy do not both fit a 128 GB disk; the JSON records the
+per-layer times too), ``--tensor-parallel-degree`` loads onto a mesh of that many devices:
+
+  python benchmarks/orbax_cache.py --random llama2-70b --num-layers 16 --tensor-parallel-degree 2 --repeats 1
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def main():
     parser.add_argument("--checkpoint-format", choices=("safetensors", "pt"), default="safetensors")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-layers", type=int, default=None, help="with --random: fewer layers than the shape")
+    parser.add_argument("--tensor-parallel-degree", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -45,15 +51,19 @@ def main():
 
     scratch = tempfile.TemporaryDirectory()
     if args.random:
-        model_dir = write_random_checkpoint(args.random, args.checkpoint_format, scratch.name)
+        model_dir = write_random_checkpoint(args.random, args.checkpoint_format, scratch.name, args.num_layers)
         label = f"{args.random}-{args.checkpoint_format}"
+        if args.num_layers:
+            label += f"-{args.num_layers}layers"
+        if args.tensor_parallel_degree > 1:
+            label += f"-tp{args.tensor_parallel_degree}"
     else:
         model_dir = resolve_model(args.model)
         label = args.model
     hf_config = load_config(model_dir)
     spec = spec_from_hf_config(hf_config)
     dtype = parse_dtype(args.dtype, hf_config)
-    mesh = parallel.make_mesh(1)
+    mesh = parallel.make_mesh(args.tensor_parallel_degree)
 
     def convert():
         tensors = iter_checkpoint_tensors(model_dir, "auto", progress=False)
@@ -78,7 +88,8 @@ def main():
             restore_times.append(time.perf_counter() - t)
     scratch.cleanup()
     result = {
-        "benchmark": "orbax_cache", "model": label, "dtype": str(dtype),
+        "benchmark": "orbax_cache", "model": label, "dtype": str(dtype), "num_layers": spec.num_layers,
+        "tensor_parallel_degree": args.tensor_parallel_degree, "devices": [str(d) for d in mesh.devices.flat],
         "parameter_bytes": model.num_parameter_bytes,
         "convert_s_median": float(np.median(convert_times)), "restore_s_median": float(np.median(restore_times)),
         "save_s": save_s, "convert_s": convert_times, "restore_s": restore_times,
@@ -89,15 +100,18 @@ def main():
     print("wrote", write_result(name, result, args.out))
 
 
-def write_random_checkpoint(shape: str, fmt: str, directory: str) -> str:
-    """A random bf16 Llama-layout HF checkpoint of a benchmarks/common.py shape."""
+def write_random_checkpoint(shape: str, fmt: str, directory: str, num_layers: int | None = None) -> str:
+    """A random bf16 Llama-layout HF checkpoint of a benchmarks/common.py shape (with
+    ``num_layers`` layers instead of the shape's when given)."""
     import json
 
     import torch
 
     from benchmarks.common import SHAPES
 
-    cfg = SHAPES[shape]
+    cfg = dict(SHAPES[shape])
+    if num_layers:
+        cfg["num_hidden_layers"] = num_layers
     e, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     head_dim = e // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * head_dim

@@ -7,6 +7,13 @@ jax.profiler kernel table per token (GPU busy time, span, gaps, kernels by name)
 Every variant is the same decode bucket compiled again (``Lowered.compile`` with compiler
 options, or traced with a patched sampler) and swapped into the running engine, so all
 variants share one model, one KV cache and one copy-bandwidth measurement.
+
+Tensor parallel (``--option tensor_parallel_degree=2``): the roofline divides the bytes
+over the devices, the kernel table is the first GPU's (collectives listed by name), and
+the ``ar_*`` / ``cmdbuf_collectives`` variants try XLA's all-reduce options:
+
+  python benchmarks/step_profile.py --option tensor_parallel_degree=2 \
+      --variants default,ar_one_shot,cmdbuf_collectives --profile default,ar_one_shot
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import collections
 import glob
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -36,7 +44,20 @@ VARIANTS = {
     # XLA's Triton GEMM fusions autotune the skinny q/k/v and o GEMVs to split-K, each then
     # ending in a reduction kernel of its own: cuBLAS instead.
     "cublas": {"xla_gpu_enable_triton_gemm": False},
+    # Tensor parallel: two all-reduces of [batch, hidden] per layer. XLA's one-shot kernel
+    # (each device reads its peers' buffers over NVLink, one launch, no NCCL protocol),
+    # synchronous NCCL all-reduces (no async start/done pair), NCCL's symmetric-memory
+    # kernels on registered buffers, and command buffers that also capture the collectives.
+    # (jaxlib 0.11.2 refuses xla_gpu_allow_all_reduce_kernel and
+    # xla_gpu_enable_async_all_reduce as compile options.)
+    "ar_one_shot": {"xla_gpu_unsupported_use_all_reduce_one_shot_kernel": True},
+    "ar_sync": {"xla_gpu_disable_async_collectives": "ALLREDUCE"},
+    "nccl_symmetric": {"xla_gpu_enable_nccl_user_buffers": True,
+                       "xla_gpu_experimental_enable_nccl_symmetric_buffers": True},
+    "cmdbuf_collectives": {"xla_gpu_enable_command_buffer": COMMAND_BUFFERS_ALL + ",COLLECTIVES",
+                           "xla_gpu_graph_min_graph_size": 1},
 }
+COLLECTIVE_NAMES = ("nccl", "all_reduce", "all-reduce", "allreduce", "all_gather", "all-gather", "collective")
 
 
 def log(*a):
@@ -143,7 +164,9 @@ def sweep_fused_kernels(calls: int = 32) -> dict:
 
 
 def kernel_table(trace_dir: str, num_tokens: int, top: int = 40) -> dict:
-    """GPU stream events of one trace, per decode token: busy, span, and kernels by name."""
+    """GPU stream events of one trace, per decode token: busy, span, and kernels by name.
+    With several GPUs (tensor parallel) only the first one's: the devices run the same
+    program in lockstep, and adding them up would double every figure."""
     import jax
 
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
@@ -152,7 +175,7 @@ def kernel_table(trace_dir: str, num_tokens: int, top: int = 40) -> dict:
     host = collections.defaultdict(lambda: [0, 0])
     events = []
     for plane in pdata.planes:
-        if plane.name.startswith("/device:GPU"):
+        if plane.name.startswith("/device:GPU:0"):
             for line in plane.lines:
                 if not line.name.startswith("Stream"):
                     continue
@@ -171,7 +194,12 @@ def kernel_table(trace_dir: str, num_tokens: int, top: int = 40) -> dict:
     busy = sum(e - s for s, e in events)
     span = events[-1][1] - events[0][0]
     rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])
+    collectives = [(k, c, ns) for k, (c, ns) in rows if any(n in k.lower() for n in COLLECTIVE_NAMES)]
     return {
+        "collectives_per_token": sum(c for _, c, _ in collectives) / num_tokens,
+        "collective_us_per_token": sum(ns for _, _, ns in collectives) / num_tokens / 1e3,
+        "collective_kernels": [{"name": k[:120], "per_token": c / num_tokens, "us_each": ns / c / 1e3}
+                               for k, c, ns in collectives[:8]],
         "tokens": num_tokens,
         "kernels_per_token": len(events) / num_tokens,
         "busy_us_per_token": busy / num_tokens / 1e3,
@@ -295,7 +323,11 @@ def main():
             results[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             continue
         runner._compiled[key] = exe
-        row = {"compile_s": compile_s}
+        hlo_ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(",
+                             exe.as_text())
+        row = {"compile_s": compile_s, "hlo_collectives": dict(collections.Counter(hlo_ops))}
+        if hlo_ops:
+            log(f"{name}: collectives in the step's HLO: {row['hlo_collectives']}")
         for ds in steps_list:
             runs = [run_request(ds, args.output_len) for _ in range(3)]
             per_token = sorted(r[0] for r in runs)[1]  # median of 3
@@ -309,7 +341,8 @@ def main():
             row["profile"] = kernel_table(d, n)
             p = row["profile"]
             log(f"  profile {name}: {p.get('kernels_per_token', 0):.0f} kernels/token, busy "
-                f"{p.get('busy_us_per_token', 0):.0f} us, span {p.get('span_us_per_token', 0):.0f} us per token")
+                f"{p.get('busy_us_per_token', 0):.0f} us, span {p.get('span_us_per_token', 0):.0f} us per token; "
+                f"collectives {p.get('collectives_per_token', 0):.0f}/token, {p.get('collective_us_per_token', 0):.0f} us")
             for k in p.get("kernels", [])[:30]:
                 log(f"    {k['us_per_token']:8.1f} us/token {k['per_token']:6.1f}x {k['us_each']:7.2f} us  {k['name']}")
             for k in p.get("host_top", [])[:12]:
@@ -324,8 +357,11 @@ def main():
     weight_bytes = model.num_parameter_bytes - (spec.vocab_size - 1) * spec.hidden_size * itemsize * (
         0 if spec.tie_word_embeddings else 1)
     kv_bytes = 2 * spec.total_kv_heads * spec.head_dim * itemsize * (args.input_len + args.output_len / 2)
-    floor_ms = 1e3 * (weight_bytes + kv_bytes) / copies["best"]
+    # Each of the TP devices reads its share of the weights and KV at the copy bandwidth.
+    tp = config.tensor_parallel_degree
+    floor_ms = 1e3 * (weight_bytes + kv_bytes) / (copies["best"] * tp)
     result = {"benchmark": "step_profile", "shape": args.shape, "dtype": args.dtype, "options": options,
+              "tensor_parallel_degree": tp,
               "input_len": args.input_len, "output_len": args.output_len,
               "copy_bandwidth_GBps": copies["best"] / 1e9,
               "copy_bandwidth_by_method_GBps": {k: v / 1e9 for k, v in copies.items() if isinstance(v, float)},
