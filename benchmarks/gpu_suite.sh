@@ -50,13 +50,14 @@ for stage in "${stages[@]}"; do
     tp2_cb) run latency_tp2_cb 150 env XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL,COLLECTIVES \
                python3 benchmarks/latency.py --shape llama3-8b --dtype bf16 \
                --input-len 128 --output-len 256 --option decode_steps=8 --option tensor_parallel_degree=2 --name latency-tp2-cmdbuf ;;
-    tp_profile) # TP=1 and TP=2 batch-1 decode steps in one call, with XLA's all-reduce variants at TP=2.
+    tp_profile) # TP=1 and TP=2 batch-1 decode steps in one call, with XLA's all-reduce variants at TP=2
+               # (about 6 minutes: call it alone, the device tool stops a command at 10).
                run step_profile_tp1 420 python3 benchmarks/step_profile.py --shape llama3-8b --dtype bf16 \
-               --option tensor_parallel_degree=1 --decode-steps 8 --variants default --name step_profile-tp1
+               --option tensor_parallel_degree=1 --decode-steps 8 --variants default --skip-kernel-checks --name step_profile-tp1
                run step_profile_tp2 570 python3 benchmarks/step_profile.py --shape llama3-8b --dtype bf16 \
-               --option tensor_parallel_degree=2 --decode-steps 1,8 \
-               --variants default,ar_sync,ar_one_shot,nccl_symmetric,cmdbuf_collectives \
-               --profile default,ar_one_shot --name step_profile-tp2 ;;
+               --option tensor_parallel_degree=2 --decode-steps 8 \
+               --variants default,ar_sync,ar_one_shot,nccl_symmetric,ar_overlap,cmdbuf_collectives \
+               --profile default,ar_one_shot --skip-kernel-checks --name step_profile-tp2 ;;
     tp2) run latency_tp2 150 python3 benchmarks/latency.py --shape llama3-8b --dtype bf16 \
                --input-len 128 --output-len 256 --option decode_steps=8 --option tensor_parallel_degree=2 --name latency-tp2 ;;
     tp2_batch64) run throughput_tp2 300 python3 benchmarks/throughput.py --shape llama3-8b --dtype bf16 \

@@ -54,6 +54,9 @@ VARIANTS = {
     "ar_sync": {"xla_gpu_disable_async_collectives": "ALLREDUCE"},
     "nccl_symmetric": {"xla_gpu_enable_nccl_user_buffers": True,
                        "xla_gpu_experimental_enable_nccl_symmetric_buffers": True},
+    # The all-reduce started as early as it can and overlapped with the next weights' loads.
+    "ar_overlap": {"xla_gpu_enable_latency_hiding_scheduler": True,
+                   "xla_gpu_experimental_collective_start_as_early_as_possible": True},
     "cmdbuf_collectives": {"xla_gpu_enable_command_buffer": COMMAND_BUFFERS_ALL + ",COLLECTIVES",
                            "xla_gpu_graph_min_graph_size": 1},
 }
@@ -222,6 +225,8 @@ def main():
     parser.add_argument("--profile", default="default",
                         help="variants to profile (decode_steps = the largest)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--skip-kernel-checks", action="store_true",
+                        help="skip the fused kernels' check against their references and num_warps sweep")
     parser.add_argument("--out", default=None)
     parser.add_argument("--name", default="step_profile")
     args = parser.parse_args()
@@ -237,8 +242,8 @@ def main():
     from lmidist_jax.models.loader import random_model
 
     on_cpu = jax.devices()[0].platform == "cpu"
-    kernel_checks = check_fused_kernels(interpret=on_cpu)
-    kernel_sweep = {} if on_cpu else sweep_fused_kernels()
+    kernel_checks = {} if args.skip_kernel_checks else check_fused_kernels(interpret=on_cpu)
+    kernel_sweep = {} if on_cpu or args.skip_kernel_checks else sweep_fused_kernels()
     copies = device_copy_bandwidth(256 << 20, 5) if on_cpu else device_copy_bandwidth()
     steps_list = [int(s) for s in args.decode_steps.split(",")]
     options = dict(o.split("=", 1) for o in args.option)
