@@ -348,7 +348,10 @@ class SpecDecodeRunner:
                     slot_mapping=jnp.where(active, blocks * block_size + positions % block_size, 0),
                     decode_only=True)
                 hidden, draft_kv = draft_module(tokens, draft_kv, md)
-                new_tokens, q = draft_sample(parallel.gather_for_sampling(draft_module.logits(hidden), mesh), sampling, sampling.sample_index + i)
+                # draft.mesh: the target's when the draft is sharded like it, else the draft's
+                # own one-device mesh (its logits are whole on every device already).
+                logits = parallel.gather_for_sampling(draft_module.logits(hidden), draft.mesh)
+                new_tokens, q = draft_sample(logits, sampling, sampling.sample_index + i)
                 proposals = proposals.at[:, i].set(new_tokens)
                 probs = probs.at[:, i].set(q)
                 return draft_kv, new_tokens, proposals, probs
