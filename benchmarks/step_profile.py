@@ -328,7 +328,8 @@ def main():
             results[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             continue
         runner._compiled[key] = exe
-        hlo_ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(",
+        # The opcode after whitespace (a combined collective's type is a tuple with spaces).
+        hlo_ops = re.findall(r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(",
                              exe.as_text())
         row = {"compile_s": compile_s, "hlo_collectives": dict(collections.Counter(hlo_ops))}
         if hlo_ops:

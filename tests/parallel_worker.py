@@ -47,7 +47,8 @@ def decode_collectives(llm):
                 pass
     if hlo is None:
         hlo = runner._step.lower(*runner._args(runner.dummy_batch(1, 1, True), 1)).compile().as_text()
-    ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(", hlo)
+    # The opcode after whitespace: a combined collective's result type is a tuple with spaces.
+    ops = re.findall(r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(", hlo)
     return dict(collections.Counter(ops))
 
 
@@ -112,7 +113,8 @@ elif MODE == "families":
         # Placement of layer 0's parameters ("attn.o_proj.kernel" -> "('tp', None)").
         shardings = {".".join(map(str, path[2:])): str(tuple(var[...].sharding.spec))
                      for path, var in variables(llm.engine.runner.model.state).items() if path[:2] == ("layers", 0)}
-        report[family] = dict(tokens=[o.token_ids for o in outs], logits=logits.tolist(), shardings=shardings)
+        report[family] = dict(tokens=[o.token_ids for o in outs], logits=logits.tolist(), shardings=shardings,
+                              num_layers=llm.engine.runner.spec.num_layers, collectives=decode_collectives(llm))
         llm.shutdown()
         del llm
     print("REPORT " + json.dumps(report))
