@@ -123,3 +123,45 @@ def device_copy_bandwidth(num_bytes: int = 2 << 30, repeats: int = 20) -> dict:
             out["torch_error"] = str(e)[:200]
     out["best"] = max(v for k, v in out.items() if k in ("xla", "torch", "xla_read", "torch_read"))
     return out
+
+
+def batch1_parser(description: str, name: str):
+    """The arguments of the batch-1 decode benchmarks (latency.py, step_profile.py): a
+    random-weight shape, dtype, prompt/output lengths, engine options, where to write."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--name", default=name)
+    return parser
+
+
+def batch1_options(args, **defaults) -> dict:
+    """Engine options of one request at a time: ``defaults``, then ``--option`` values,
+    over max_rolling_batch_size=1 and a max_model_len that fits the request."""
+    options = {"max_rolling_batch_size": 1, "max_model_len": args.input_len + args.output_len + 64, **defaults}
+    options.update(o.split("=", 1) for o in args.option)
+    options["dtype"] = args.dtype
+    return options
+
+
+def random_engine(shape: str, options: dict):
+    """(config, spec, model, engine) with random weights of ``shape`` under ``options``."""
+    from converters.checkpoint import parse_dtype
+    from lmidist_jax import parallel
+    from lmidist_jax.config import config_from_kwargs
+    from lmidist_jax.engine.factory import engine_for_model
+    from lmidist_jax.models.families import spec_from_hf_config
+    from lmidist_jax.models.loader import random_model
+
+    config = config_from_kwargs(None, **options)
+    spec = spec_from_hf_config(SHAPES[shape])
+    model = random_model(spec, dtype=parse_dtype(options["dtype"], {}),
+                         mesh=parallel.make_mesh(config.tensor_parallel_degree), max_model_len=config.max_model_len)
+    engine = engine_for_model(model, None, config, max_model_len=config.max_model_len)
+    return config, spec, model, engine

@@ -10,7 +10,6 @@ one row) plus the sequence's KV cache, so the fastest possible step is
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import SHAPES, device_copy_bandwidth, environment, write_result  # noqa: E402
+from benchmarks.common import batch1_options, batch1_parser, device_copy_bandwidth, environment, random_engine, write_result  # noqa: E402
 
 
 def matmul_flops(n: int = 8192, repeats: int = 10) -> float:
@@ -40,37 +39,19 @@ def matmul_flops(n: int = 8192, repeats: int = 10) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=256)
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--name", default="latency")
+    parser = batch1_parser(__doc__, "latency")
     args = parser.parse_args()
 
     import jax
 
-    from lmidist_jax import SamplingParams, parallel
-    from lmidist_jax.config import config_from_kwargs
-    from lmidist_jax.engine.factory import engine_for_model
+    from lmidist_jax import SamplingParams
     from converters.checkpoint import parse_dtype
-    from lmidist_jax.models.loader import random_model
-    from lmidist_jax.models.families import spec_from_hf_config
 
     copies = device_copy_bandwidth() if jax.devices()[0].platform != "cpu" else device_copy_bandwidth(256 << 20, 5)
     bandwidth = copies["best"]
-    options = dict(o.split("=", 1) for o in args.option)
-    options.setdefault("max_rolling_batch_size", 1)
-    options.setdefault("max_model_len", args.input_len + args.output_len + 64)
-    options["dtype"] = args.dtype
-    config = config_from_kwargs(None, **options)
-    spec = spec_from_hf_config(SHAPES[args.shape])
     t = time.perf_counter()
-    model = random_model(spec, dtype=parse_dtype(args.dtype, {}), mesh=parallel.make_mesh(config.tensor_parallel_degree),
-                         max_model_len=config.max_model_len)
-    engine = engine_for_model(model, None, config, max_model_len=config.max_model_len)
+    options = batch1_options(args)
+    config, spec, model, engine = random_engine(args.shape, options)
     startup = time.perf_counter() - t
 
     prompt = list(map(int, np.random.default_rng(0).integers(10, spec.vocab_size - 10, args.input_len)))

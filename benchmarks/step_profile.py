@@ -18,12 +18,10 @@ the ``ar_*`` / ``cmdbuf_collectives`` variants try XLA's all-reduce options:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import SHAPES, device_copy_bandwidth, environment, write_result  # noqa: E402
+from benchmarks.common import batch1_options, batch1_parser, device_copy_bandwidth, environment, random_engine, write_result  # noqa: E402
 
 # XLA options per variant (``Lowered.compile(compiler_options=...)``).
 COMMAND_BUFFERS_ALL = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
@@ -215,48 +213,30 @@ def kernel_table(trace_dir: str, num_tokens: int, top: int = 40) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    parser.add_argument("--dtype", default="bf16")
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=256)
+    parser = batch1_parser(__doc__, "step_profile")
     parser.add_argument("--decode-steps", default="1,8")
     parser.add_argument("--variants", default="default,fused_off")
     parser.add_argument("--profile", default="default",
                         help="variants to profile (decode_steps = the largest)")
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--skip-kernel-checks", action="store_true",
                         help="skip the fused kernels' check against their references and num_warps sweep")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--name", default="step_profile")
     args = parser.parse_args()
 
     import jax
 
     from converters.checkpoint import parse_dtype
     from lmidist_jax import SamplingParams, parallel
-    from lmidist_jax.config import config_from_kwargs
     from lmidist_jax.engine import model_runner
-    from lmidist_jax.engine.factory import engine_for_model
-    from lmidist_jax.models.families import spec_from_hf_config
-    from lmidist_jax.models.loader import random_model
 
     on_cpu = jax.devices()[0].platform == "cpu"
     kernel_checks = {} if args.skip_kernel_checks else check_fused_kernels(interpret=on_cpu)
     kernel_sweep = {} if on_cpu or args.skip_kernel_checks else sweep_fused_kernels()
     copies = device_copy_bandwidth(256 << 20, 5) if on_cpu else device_copy_bandwidth()
     steps_list = [int(s) for s in args.decode_steps.split(",")]
-    options = dict(o.split("=", 1) for o in args.option)
-    options.setdefault("max_rolling_batch_size", 1)
-    options.setdefault("max_model_len", args.input_len + args.output_len + 64)
+    options = batch1_options(args)
     options.setdefault("num_kv_blocks", -(-int(options["max_model_len"]) // 16) + 8)
     options["decode_steps"] = max(steps_list)
-    options["dtype"] = args.dtype
-    config = config_from_kwargs(None, **options)
-    spec = spec_from_hf_config(SHAPES[args.shape])
-    model = random_model(spec, dtype=parse_dtype(args.dtype, {}), mesh=parallel.make_mesh(config.tensor_parallel_degree),
-                         max_model_len=config.max_model_len)
-    engine = engine_for_model(model, None, config, max_model_len=config.max_model_len)
+    config, spec, model, engine = random_engine(args.shape, options)
     runner = engine.runner
     prompt = list(map(int, np.random.default_rng(0).integers(10, spec.vocab_size - 10, args.input_len)))
 
@@ -328,11 +308,8 @@ def main():
             results[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             continue
         runner._compiled[key] = exe
-        # The opcode after whitespace (a combined collective's type is a tuple with spaces).
-        hlo_ops = re.findall(r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(",
-                             exe.as_text())
-        row = {"compile_s": compile_s, "hlo_collectives": dict(collections.Counter(hlo_ops))}
-        if hlo_ops:
+        row = {"compile_s": compile_s, "hlo_collectives": parallel.collective_counts(exe.as_text())}
+        if row["hlo_collectives"]:
             log(f"{name}: collectives in the step's HLO: {row['hlo_collectives']}")
         for ds in steps_list:
             runs = [run_request(ds, args.output_len) for _ in range(3)]

@@ -52,6 +52,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def collective_counts(hlo_text: str) -> dict[str, int]:
+    """{opcode: count} of the collectives in a compiled program's HLO text (what a step
+    communicates: tests/test_parallel.py, benchmarks/step_profile.py). The opcode is read
+    after whitespace: a combined collective's result type is a tuple with spaces."""
+    import collections
+    import re
+
+    ops = re.findall(r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(", hlo_text)
+    return dict(collections.Counter(ops))
+
+
 def gather_for_sampling(logits, mesh: Mesh | None):
     """Vocab-parallel logits gathered onto every device (inside a jitted step). The
     sampler's reductions over the vocabulary (log-softmax, argmax, top-k/p sorts, the

@@ -32,24 +32,13 @@ PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
 
 def decode_collectives(llm):
-    """{op: count} of the collectives in the compiled batch-1 decode step."""
-    import collections
-    import re
-
+    """{op: count} of the collectives in the compiled decode step (the one ``generate``
+    compiled already, else the batch-1 bucket compiled now)."""
     runner = llm.engine.runner
-    hlo = None
-    for (_, _, decode_only), compiled in runner._compiled.items():  # one generate compiled already
-        if decode_only:
-            try:
-                hlo = compiled.as_text()
-                break
-            except Exception:  # noqa: BLE001 - a deserialized executable may not print: compile
-                pass
-    if hlo is None:
-        hlo = runner._step.lower(*runner._args(runner.dummy_batch(1, 1, True), 1)).compile().as_text()
-    # The opcode after whitespace: a combined collective's result type is a tuple with spaces.
-    ops = re.findall(r"\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(", hlo)
-    return dict(collections.Counter(ops))
+    compiled = next((exe for (_, _, decode_only), exe in runner._compiled.items() if decode_only), None)
+    if compiled is None:
+        compiled = runner._step.lower(*runner._args(runner.dummy_batch(1, 1, True), 1)).compile()
+    return parallel.collective_counts(compiled.as_text())
 
 
 def sharding_report(llm):
