@@ -133,6 +133,12 @@ def test_refused_options_and_prompts(t5_model, tmp_path):
         LLM(model_dir, **{**ENGINE, "enable_lora": True})
     with pytest.raises(EngineConfigError, match="encoder-decoder.*speculative_draft_model"):
         LLM(model_dir, **{**ENGINE, "decode_steps": 1, "speculative_draft_model": model_dir})
+    # Tensor parallelism (this process has one device, so the check is called directly).
+    from types import SimpleNamespace
+
+    from lmidist_jax.engine.factory import check_encoder_decoder_options
+    with pytest.raises(EngineConfigError, match=r"encoder-decoder.*tensor_parallel_degree=2 \(only 1\)"):
+        check_encoder_decoder_options(llm.engine.runner.spec, SimpleNamespace(tensor_parallel_degree=2))
     with pytest.raises(RequestError, match="at most 47 tokens"):
         llm.engine.add_request("long", list(range(3, 51)))
     with pytest.raises(RequestError, match="prompt_logprobs"):
