@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from converters import quantized_checkpoint
 from lmidist_jax import LLM, SamplingParams
 from lmidist_jax.models import quantized
 from lmidist_jax.models.scoring import prompt_logits
@@ -42,9 +43,10 @@ VARIANTS = {
 # teacher-forced below (one forward pass: cheaper to compile). The TP=2 test runs three
 # more through the engine.
 ENGINE_VARIANTS = ["llama_gptq_g32_act_asym"]
-# The Pallas kernel (interpret mode) inside the whole model, against the XLA path (the
-# grouped kernel runs inside the model in the per-shard TP=2 test).
-KERNEL_VARIANTS = ["qwen2_squeezellm"]
+# The Pallas kernel (interpret mode) inside the whole model, against the XLA path: the
+# codebook (T = 16: both paths) and act-order group 32 (T = 4: the CUDA-core path); the
+# per-shard TP=2 test runs group 128 with act-order.
+KERNEL_VARIANTS = ["qwen2_squeezellm", "llama_gptq_g32_act_asym"]
 # TP=2 (one subprocess): act-order rows split over devices, one KV head replicated (MQA),
 # AWQ with Qwen2's q/k/v biases, the codebook.
 TP2_VARIANTS = {"llama_mqa_gptq_g128_act_asym": ("llama", dict(method="gptq", group_size=128, desc_act=True,
@@ -68,7 +70,7 @@ def variant(request, tmp_path_factory):
     return request.param, options, hf, LLM(str(directory), **ENGINE), directory
 
 
-def test_greedy_tokens_and_logits_match_the_dequantized_model(variant):
+def test_greedy_tokens_and_logits_match_the_dequantized_model(variant, monkeypatch):
     """The method is detected (quantize unset); teacher-forced on transformers' 16 greedy
     tokens, our argmax at every step is its token, and the logits agree."""
     name, options, hf, llm, directory = variant
@@ -87,7 +89,7 @@ def test_greedy_tokens_and_logits_match_the_dequantized_model(variant):
         outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True), use_tqdm=False)
         assert [o.token_ids for o in outs] == [hf_greedy(hf, p, NEW_TOKENS) for p in PROMPTS], name
     if name in KERNEL_VARIANTS:
-        check_pallas_kernel_in_model(directory, model)
+        check_pallas_kernel_in_model(directory, model, monkeypatch)
 
 
 KERNEL_TP2_VARIANT = "llama_mqa_gptq_g128_act_asym"
@@ -144,7 +146,8 @@ def test_tensor_parallel_two_matches_transformers(tp2_workers):
 def test_pallas_kernel_per_shard_at_tensor_parallel_two(tp2_workers):
     """The kernel (interpret mode) inside shard_map at TP=2: column-parallel q/k/v and
     gate/up on their output slices, row-parallel o and down on their rows and groups
-    (psum), act-order, one KV head replicated; teacher-forced on transformers' tokens."""
+    (psum), act-order, one KV head replicated; teacher-forced on transformers' tokens
+    (the tensor-core path), and a 4-token forward (the CUDA-core path)."""
     worker, hf, ids = tp2_workers["kernel"]
     prompt = PROMPTS[0]
     report = worker.report()
@@ -152,11 +155,15 @@ def test_pallas_kernel_per_shard_at_tensor_parallel_two(tp2_workers):
     ours, ref = np.array(report["logits"]), hf_logits(hf, ids)
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-5
     assert ours[len(prompt) - 1:-1].argmax(-1).tolist() == ids[len(prompt):]
+    ours4 = np.array(report["logits4"])
+    assert np.linalg.norm(ours4 - ref[:4]) / np.linalg.norm(ref[:4]) < 1e-5
 
 
-def check_pallas_kernel_in_model(directory, model):
+def check_pallas_kernel_in_model(directory, model, monkeypatch):
     """The decoder with the Pallas kernel (interpret mode) in every quantized projection
-    gives the XLA path's logits (fused q/k/v with biases and gate/up, the codebook)."""
+    gives the XLA path's logits (fused q/k/v with biases and gate/up, the codebook): a
+    4-token forward (the CUDA-core path) and the whole sequence (the tensor-core path
+    where the layout allows it); the kernel must have run in every projection."""
     from converters.checkpoint import load_config
     from lmidist_jax.models.families import spec_from_hf_config
     from lmidist_jax.models.loader import load_model
@@ -167,69 +174,140 @@ def check_pallas_kernel_in_model(directory, model):
     tensors = quantized.checkpoint_tensors(directory, "auto", config, progress=False)
     kernel_model = load_model(spec, quantized.map_checkpoint(spec, tensors, config), dtype=jnp.float32,
                               mesh=model.mesh)
-    ids = PROMPTS[1]
-    ref = prompt_logits(model, ids)
-    got = prompt_logits(kernel_model, ids)
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+    paths = []
+    kernel = w4a16.quant_matmul_pallas
+
+    def counted(x, *args, tile_words, **kwargs):
+        paths.append(w4a16.default_config(x.shape[0], args[0].shape[0], args[0].shape[1], tile_words).path)
+        return kernel(x, *args, tile_words=tile_words, **kwargs)
+
+    monkeypatch.setattr(w4a16, "quant_matmul_pallas", counted)
+    tensor_cores = config.tile_words(spec.hidden_size) >= 16  # else longer inputs take the XLA path
+    for ids, path in ((PROMPTS[1][:4], "gemv"), (PROMPTS[1], "mma"))[:2 if tensor_cores else 1]:
+        paths.clear()
+        ref = prompt_logits(model, ids)
+        got = prompt_logits(kernel_model, ids)
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+        assert paths == [path] * spec.num_layers * 4, paths  # q/k/v, o, gate/up, down
 
 
 # -- the kernel ----------------------------------------------------------------------------
 
 
-def _random_grouped(rng, m, k, n, group, bits):
+def _random_grouped(rng, m, k, n, group, bits, tile):
     groups = k // group
     q = rng.integers(0, 1 << bits, (k, n))
     scales = rng.random((groups, n)).astype(np.float32) + 0.1
     zeros = rng.integers(0, 1 << bits, (groups, n)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
     dense = (q - np.repeat(zeros, group, 0)) * np.repeat(scales, group, 0)
-    return x, jnp.asarray(pack_along_input(q, bits)), scales, zeros, dense
+    return x, jnp.asarray(w4a16.pack_rows(q, bits, tile)), scales, zeros, dense
 
 
-@pytest.mark.parametrize("m,k,n,group,bits,tiles", [
-    (1, 256, 128, 128, 4, {}), (5, 256, 64, 32, 4, dict(words=8, k_splits=2)), (16, 128, 192, 128, 4, {}),
-    (3, 512, 64, 64, 8, dict(words=4, k_splits=4)), (2, 128, 64, 16, 4, dict(words=8))])
-def test_grouped_kernel_matches_reference(m, k, n, group, bits, tiles):
-    """Interpret-mode Pallas kernel == XLA reference == numpy, across group sizes smaller
-    and larger than a tile, split K, 8 bits, M not a multiple of 16."""
-    x, qweight, scales, zeros, dense = _random_grouped(np.random.default_rng(m + k), m, k, n, group, bits)
+def test_packed_layout():
+    """Tiles of P*T rows inside one group; plane j of a tile holds rows j*T .. j*T + T - 1;
+    T = 1 is GPTQ's own packing. The magic float of each plane gives q exactly."""
+    assert [w4a16.tile_words_for(g, 4) for g in (128, 64, 96, 40, 4, 4096)] == [16, 8, 4, 1, 1, 16]
+    assert [w4a16.tile_words_for(g, 8) for g in (128, 32, 12)] == [16, 8, 1]
+    rng = np.random.default_rng(0)
+    for bits, tile in ((4, 1), (4, 2), (4, 16), (8, 4)):
+        q = rng.integers(0, 1 << bits, (32 * 32 // bits, 24))
+        packed = w4a16.pack_rows(q, bits, tile)
+        assert np.array_equal(np.asarray(w4a16.unpack_rows(jnp.asarray(packed), bits, tile)), q)
+    q = rng.integers(0, 16, (128, 3))
+    assert np.array_equal(w4a16.pack_rows(q, 4, 1), pack_along_input(q, 4))   # GPTQ's order
+    word = (np.asarray(w4a16.pack_rows(q, 4, 16))[:1, :1] >> 4) & 0xF            # word 0, plane 1
+    assert word[0, 0] == q[16, 0]
+    for bits in (4, 8):
+        for j, (shifted, p) in enumerate(w4a16.plane_positions(bits)):
+            values = np.arange(1 << bits, dtype=np.uint32) << np.uint32(p)
+            f = (values | np.uint32(w4a16.magic_words(bits)[j])).view(np.float32) - np.float32(2.0 ** (23 - p))
+            assert np.array_equal(f, np.arange(1 << bits)), (bits, j)
+            assert p + bits <= 23 and shifted == (bits * j + bits > 23)
+
+
+GEMV, MMA = w4a16.KernelConfig(path="gemv"), w4a16.KernelConfig(path="mma")
+
+
+@pytest.mark.parametrize("m,k,n,group,bits,config", [
+    (1, 256, 128, 128, 4, None),
+    (3, 512, 64, 64, 4, dataclasses.replace(GEMV, block_n=32, tiles_per_step=1, k_splits=2)),
+    (2, 384, 64, 96, 4, dataclasses.replace(GEMV, k_splits=2, reduce="partials")),
+    (w4a16.GEMV_MAX_M, 256, 64, -1, 4, None),
+    (w4a16.GEMV_MAX_M + 1, 256, 128, 128, 4, None),
+    (16, 512, 64, 128, 4, dataclasses.replace(MMA, block_n=32, k_splits=2)),
+    (17, 256, 64, 128, 4, dataclasses.replace(MMA, tiles_per_step=1, k_splits=2, reduce="partials")),
+    (1, 512, 64, 128, 8, None),
+    (8, 512, 64, 64, 8, None)])
+def test_grouped_kernel_matches_reference(m, k, n, group, bits, config):
+    """Interpret-mode Pallas kernel == XLA reference == numpy: both paths and M at their
+    switch, groups of one tile, several tiles and within a tile (96 rows: T = 4), per
+    channel, split K with atomic adds and with partials, 8 bits."""
+    tile = w4a16.tile_words_for(k if group == -1 else group, bits)
+    x, qweight, scales, zeros, dense = _random_grouped(np.random.default_rng(m + k), m, k, n,
+                                                       k if group == -1 else group, bits, tile)
     want = x @ dense
-    ref = w4a16.quant_matmul_reference(jnp.asarray(x), qweight, jnp.asarray(scales), jnp.asarray(zeros), bits=bits)
-    got = w4a16.quant_matmul_pallas(jnp.asarray(x), qweight, jnp.asarray(scales), jnp.asarray(zeros), bits=bits,
-                                    interpret=True, **tiles)
+    args = (jnp.asarray(x), qweight, jnp.asarray(scales), jnp.asarray(zeros))
+    ref = w4a16.quant_matmul_reference(*args, bits=bits, tile_words=tile)
+    got = w4a16.quant_matmul_pallas(*args, bits=bits, tile_words=tile, config=config, interpret=True)
+    expected_path = (config or w4a16.default_config(m, k * bits // 32, n, tile)).path
+    assert expected_path == ("gemv" if m <= w4a16.GEMV_MAX_M else "mma")
     scale = np.abs(want).max()
     assert np.abs(np.asarray(ref) - want).max() / scale < 1e-5
     assert np.abs(np.asarray(got) - want).max() / scale < 1e-5
 
 
-@pytest.mark.parametrize("m,tiles", [(1, {}), (7, dict(words=4, k_splits=2))])
-def test_codebook_kernel_matches_reference(m, tiles):
+def test_bf16_kernel_and_unsupported_layouts():
+    """bf16 activations and scales (as on the GPU) within bf16 rounding of the reference;
+    a layout the kernel cannot take is named."""
+    x, qweight, scales, zeros, dense = _random_grouped(np.random.default_rng(9), 2, 256, 64, 128, 4, 16)
+    args = (jnp.asarray(x, jnp.bfloat16), qweight, jnp.asarray(scales, jnp.bfloat16), jnp.asarray(zeros, jnp.bfloat16))
+    ref = np.asarray(w4a16.quant_matmul_reference(*args, tile_words=16), np.float32)
+    got = np.asarray(w4a16.quant_matmul_pallas(*args, tile_words=16, interpret=True), np.float32)
+    assert got.dtype == np.float32 and np.abs(got - ref).max() / np.abs(ref).max() < 1e-2
+    assert not w4a16.kernel_supports(1, 64, 1) and not w4a16.kernel_supports(8, 64, 8)
+    assert w4a16.kernel_supports(4, 64, 8) and w4a16.kernel_supports(64, 64, 16)
+    with pytest.raises(ValueError, match="path=mma needs tiles of >= 16 words"):
+        w4a16.quant_matmul_pallas(*args, tile_words=8, config=MMA, interpret=True)
+
+
+@pytest.mark.parametrize("m,config", [(1, None), (7, dataclasses.replace(MMA, tiles_per_step=1, k_splits=2))])
+def test_codebook_kernel_matches_reference(m, config):
     rng = np.random.default_rng(m)
     k, n = 256, 64
     q = rng.integers(0, 16, (k, n))
     lut = rng.standard_normal((16, n)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
     want = x @ np.take_along_axis(lut, q, 0)
-    qweight = jnp.asarray(pack_along_input(q, 4))
-    ref = w4a16.lut_matmul_reference(jnp.asarray(x), qweight, jnp.asarray(lut))
-    got = w4a16.quant_matmul_pallas(jnp.asarray(x), qweight, lut=jnp.asarray(lut), interpret=True, **tiles)
+    qweight = jnp.asarray(w4a16.pack_rows(q, 4, 16))
+    ref = w4a16.lut_matmul_reference(jnp.asarray(x), qweight, jnp.asarray(lut), tile_words=16)
+    got = w4a16.quant_matmul_pallas(jnp.asarray(x), qweight, lut=jnp.asarray(lut), tile_words=16, config=config,
+                                    interpret=True)
     assert np.abs(np.asarray(ref) - want).max() / np.abs(want).max() < 1e-5
     assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() < 1e-5
 
 
 def test_awq_and_gptq_packings_read_back():
     """The readers invert the tools' packings: AWQ's interleaved nibble order along the
-    output, GPTQ's zeros stored minus one with the borrow across a packed word."""
+    output, GPTQ's zeros stored minus one with the borrow across a packed word; the
+    qweight comes out in the kernel's tile order."""
     rng = np.random.default_rng(0)
     values = rng.integers(0, 16, (4, 32))
-    assert np.array_equal(quantized.unpack_cols(pack_along_output(values, 4, AWQ_ORDER), 4, AWQ_ORDER), values)
-    assert not np.array_equal(quantized.unpack_cols(pack_along_output(values, 4, AWQ_ORDER), 4), values)
-    assert np.array_equal(quantized.unpack_rows(pack_along_input(values.T.copy(), 4), 4), values.T)
+    assert np.array_equal(quantized_checkpoint.unpack_cols(pack_along_output(values, 4, AWQ_ORDER), 4, AWQ_ORDER),
+                          values)
+    assert not np.array_equal(quantized_checkpoint.unpack_cols(pack_along_output(values, 4, AWQ_ORDER), 4), values)
+    assert np.array_equal(quantized_checkpoint.unpack_rows(pack_along_input(values.T.copy(), 4), 4), values.T)
     zeros = np.zeros((1, 8), np.int64)  # zero point 0 everywhere: every nibble borrows
     stored = (pack_along_output(zeros, 4).view(np.uint32) - np.uint32(0x11111111)).view(np.int32)
     tensors = {"qweight": np.zeros((1, 8), np.int32), "qzeros": stored, "scales": np.ones((1, 8), np.float16)}
     config = quantized.QuantConfig("gptq", group_size=-1)
-    assert np.array_equal(quantized.convert_module("m", tensors, config)["zeros"], np.zeros((1, 8)))
+    assert np.array_equal(quantized_checkpoint.convert_module("m", tensors, config)["zeros"], np.zeros((1, 8)))
+    q = rng.integers(0, 16, (256, 8))
+    tensors = {"qweight": pack_along_input(q, 4), "qzeros": pack_along_output(np.zeros((2, 8), np.int64), 4),
+               "scales": np.ones((2, 8), np.float16)}
+    config = quantized.QuantConfig("gptq", group_size=128, checkpoint_format="gptq_v2")
+    packed = quantized_checkpoint.convert_module("m", tensors, config)["qweight"]
+    assert np.array_equal(packed, w4a16.pack_rows(q, 4, 16))
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -1,23 +1,8 @@
-"""Pre-quantized checkpoints (AWQ, GPTQ, SqueezeLLM): which method a checkpoint uses,
-readers that repack each format once at load into the one packed layout of
-``pallas_kernels/w4a16.py``, and the quantized linear kind the decoder builds through
-``LINEAR_KINDS`` (the decoder never knows it holds one).
-
-Formats as the tools write them (per quantized linear ``<name>``):
-
-  AWQ "GEMM"  qweight [in, out/8] int32 packed along the output in the nibble order
-              0,2,4,6,1,3,5,7; qzeros [groups, out/8] packed the same way; scales
-              [groups, out]. w = (q - z) * s.
-  GPTQ        qweight [in/P, out] int32 packed along the input (P = 32 / bits); qzeros
-              [groups, out/P] packed along the output, stored as zero - 1 for
-              ``checkpoint_format: gptq`` (undone as gptqmodel does: one add of 0x11111111
-              per packed word, carries included), as is for ``gptq_v2``; scales
-              [groups, out]; g_idx [in] (input row -> group; with desc_act the groups are
-              scattered: rows are sorted by group once here, and the permutation is applied
-              to the activations).
-  SqueezeLLM  qweight [in/8, out] (4-bit codebook indices packed along the input) and
-              lookup_table [out, 16]; ``quant_config.json`` {"wbits": 4}; the state dict
-              may be ``*.pt`` or ``pytorch_model*.bin``.
+"""Pre-quantized checkpoints (AWQ, GPTQ, SqueezeLLM): which method a checkpoint uses, the
+quantized linear kind the decoder builds through ``LINEAR_KINDS`` (the decoder never knows
+it holds one), and the mapping of a checkpoint's quantized tensors onto the model. The
+formats themselves are read by ``converters/quantized_checkpoint.py`` into the packed
+layout of ``pallas_kernels/w4a16.py``.
 
 Embeddings, norms and the LM head are not quantized and load as in a dense checkpoint.
 """
@@ -27,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -36,26 +20,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from converters.quantized_checkpoint import (QUANT_NAME, QuantizationError, check_in_order, checkpoint_tensors,
+                                             convert_module, required_leaves)
+from pallas_kernels import w4a16
+
 from .linear import LINEAR_KINDS, DenseLinear, LinearSpec, param
 from .spec import ModelSpec
 
 METHODS = ("awq", "gptq", "squeezellm")
 BITS = {"awq": (4,), "gptq": (4, 8), "squeezellm": (4,)}
 GPTQ_FORMATS = ("gptq", "gptq_v2")
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column AWQ_ORDER[i] of its 8
 # Environment override of the matmul path ("auto": the Pallas kernel on a GPU, XLA elsewhere).
 IMPL_ENV = "LMIDIST_QUANT_IMPL"
 IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 # Projections that stay dense in every quantized checkpoint.
 DENSE_ROLES = ("lm_head", "project_in", "project_out")
 # The Pallas kernel runs up to this many tokens per step; above it, dequantize then one
-# matmul (the crossover is measured by benchmarks/quant.py; 64 until an H200 run says).
+# matmul (the crossover is measured by benchmarks/quant.py, see pallas_kernels/NOTES.md).
 PALLAS_MAX_TOKENS = 64
 
-
-class QuantizationError(ValueError):
-    """A quantized checkpoint that cannot be served as configured (the message names the
-    value and what is accepted)."""
+__all__ = ["QuantizationError", "QuantConfig", "QuantizedLinear", "checkpoint_tensors", "configure", "detect",
+           "map_checkpoint", "register"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +60,15 @@ class QuantConfig:
     @property
     def pack(self) -> int:
         return 32 // self.bits
+
+    def tile_words(self, in_features: int) -> int:
+        """T of the kernel's packed layout for a weight of ``in_features`` inputs: tiles of
+        P*T rows inside one group (per channel or codebook: inside each device's rows)."""
+        group = self.group_size
+        if group == -1 or self.method == "squeezellm":
+            tp = self.tensor_parallel_degree
+            group = in_features // tp if in_features % (tp * self.pack) == 0 else in_features
+        return w4a16.tile_words_for(group, self.bits)
 
     @property
     def kind(self) -> str:
@@ -231,8 +225,6 @@ class QuantizedLinear(nnx.Module):
 
     def __call__(self, x, md=None):
         """x [T, in] -> [T, *out_shape]."""
-        from pallas_kernels import w4a16
-
         config = self.config
         if self.perm is not None:
             x = jnp.take(x, self.perm[...], axis=-1)
@@ -240,28 +232,26 @@ class QuantizedLinear(nnx.Module):
         lut = None if self.lut is None else self.lut[...]
         scales = None if self.scales is None else self.scales[...]
         zeros = None if self.zeros is None else self.zeros[...]
+        tile = config.tile_words(qweight.shape[0] * config.pack)
+        n = int(np.prod(qweight.shape[1:])) // _output_shards(self.qweight, config)
         if config.impl in ("pallas", "pallas_interpret") and x.shape[0] <= config.pallas_max_tokens \
-                and (config.impl == "pallas_interpret" or _local_words(self.qweight, config) % 16 == 0):
-            # (On the GPU each bit-plane's MMA needs >= 16 packed rows per step.)
-            y = self._kernel(x, qweight, scales, zeros, lut)
+                and w4a16.kernel_supports(x.shape[0], n, tile):
+            y = self._kernel(x, qweight, scales, zeros, lut, tile)
         else:
             if lut is not None:
-                w = w4a16.dequantize_lut(qweight, lut, bits=config.bits, dtype=x.dtype)
+                w = w4a16.dequantize_lut(qweight, lut, bits=config.bits, tile_words=tile, dtype=x.dtype)
             else:
-                w = w4a16.dequantize(qweight, scales, zeros, bits=config.bits, dtype=x.dtype)
+                w = w4a16.dequantize(qweight, scales, zeros, bits=config.bits, tile_words=tile, dtype=x.dtype)
             y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y
 
-
-    def _kernel(self, x, qweight, scales, zeros, lut):
+    def _kernel(self, x, qweight, scales, zeros, lut, tile: int):
         """The Pallas kernel; under tensor parallelism once per shard (shard_map), each
         device on its own slice of the packed weights as the mesh holds them: a
         column-parallel slice gives its outputs, a row-parallel one partial sums (psum)."""
         from jax.sharding import PartitionSpec
-
-        from pallas_kernels import w4a16
 
         from .. import parallel
 
@@ -273,7 +263,8 @@ class QuantizedLinear(nnx.Module):
             a = dict(zip(names, arrays))
             flat = {n: v.reshape(v.shape[0], -1) for n, v in a.items()}
             y = w4a16.quant_matmul_pallas(x, flat["qweight"], flat.get("scales"), flat.get("zeros"), flat.get("lut"),
-                                          bits=config.bits, interpret=config.impl == "pallas_interpret")
+                                          bits=config.bits, tile_words=tile,
+                                          interpret=config.impl == "pallas_interpret")
             return y.reshape(x.shape[0], *a["qweight"].shape[1:])
 
         tp = config.tensor_parallel_degree
@@ -294,16 +285,15 @@ class QuantizedLinear(nnx.Module):
             x, *(operands[n] for n in names))
 
 
-def _local_words(qweight, config: QuantConfig) -> int:
-    """Packed input rows of one device's shard of ``qweight``."""
+def _output_shards(qweight, config: QuantConfig) -> int:
+    """How many devices split ``qweight``'s outputs (column-parallel: the TP degree)."""
     from .. import parallel
 
-    rows = qweight.shape[0]
     if config.tensor_parallel_degree == 1:
-        return rows
+        return 1
     spec = parallel.partition_spec(qweight.get_metadata()["logical_axes"], qweight.shape,
                                    parallel.make_mesh(config.tensor_parallel_degree))
-    return rows // config.tensor_parallel_degree if len(spec) and spec[0] is not None else rows
+    return config.tensor_parallel_degree if any(a is not None for a in tuple(spec)[1:]) else 1
 
 
 def register(config: QuantConfig) -> str:
@@ -319,111 +309,8 @@ def register(config: QuantConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Readers: checkpoint tensors -> the packed layout
+# Checkpoint tensors -> the model's parameters
 # ---------------------------------------------------------------------------------------
-
-def _mask(bits: int) -> int:
-    return (1 << bits) - 1
-
-
-def unpack_cols(packed: np.ndarray, bits: int, order: tuple[int, ...] | None = None) -> np.ndarray:
-    """[R, C / P] int32 packed along the columns -> [R, C] values. Value i (bits
-    [b*i, b*i + b)) of word c is column c*P + order[i] (order: identity if None)."""
-    pack = 32 // bits
-    words = packed.astype(np.int32).view(np.uint32)
-    values = (words[:, :, None] >> (bits * np.arange(pack, dtype=np.uint32))) & _mask(bits)
-    if order is not None:
-        out = np.empty_like(values)
-        out[:, :, list(order)] = values
-        values = out
-    return values.reshape(packed.shape[0], -1).astype(np.int32)
-
-
-def unpack_rows(packed: np.ndarray, bits: int) -> np.ndarray:
-    """[R / P, C] int32 packed along the rows -> [R, C] values (row P*r + j in value j)."""
-    return np.ascontiguousarray(unpack_cols(packed.T, bits).T)
-
-
-def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
-    """Inverse of ``unpack_rows``: [R, C] values -> [R / P, C] int32."""
-    pack = 32 // bits
-    v = values.astype(np.uint32).reshape(values.shape[0] // pack, pack, values.shape[1])
-    out = np.zeros((v.shape[0], v.shape[2]), np.uint32)
-    for j in range(pack):
-        out |= v[:, j] << np.uint32(bits * j)
-    return out.view(np.int32)
-
-
-_LEAVES = ("qweight", "qzeros", "scales", "g_idx", "lookup_table")
-_QUANT_NAME = re.compile(r"(.+)\.(" + "|".join(_LEAVES) + r")$")
-
-
-def _required(config: QuantConfig) -> tuple[str, ...]:
-    if config.method == "squeezellm":
-        return ("qweight", "lookup_table")
-    if config.method == "gptq" and config.act_order:
-        return ("qweight", "qzeros", "scales", "g_idx")
-    return ("qweight", "qzeros", "scales")
-
-
-def _shape_error(module: str, leaf: str, got, want) -> QuantizationError:
-    return QuantizationError(f"{module}.{leaf} has shape {tuple(got)}; expected {tuple(want)}")
-
-
-def convert_module(module: str, tensors: dict, config: QuantConfig) -> dict:
-    """One quantized linear's checkpoint tensors -> our arrays: qweight [in/P, out] and
-    scales / zeros [groups, out] (or lut [16, out]), and perm [in] for act-order."""
-    bits, pack = config.bits, config.pack
-    q = np.asarray(tensors["qweight"])
-    if q.dtype not in (np.int32, np.uint32):
-        raise QuantizationError(f"{module}.qweight has dtype {q.dtype}; expected int32")
-    if config.method == "squeezellm":
-        lut = np.asarray(tensors["lookup_table"])
-        rows, out = q.shape
-        if lut.shape != (out, 1 << bits):
-            raise _shape_error(module, "lookup_table", lut.shape, (out, 1 << bits))
-        return {"qweight": q.view(np.int32), "lut": np.ascontiguousarray(lut.T)}
-    scales = np.asarray(tensors["scales"])
-    if config.method == "awq":
-        in_features, out = q.shape[0], q.shape[1] * pack
-        values = unpack_cols(q, bits, AWQ_ORDER)                      # [in, out]
-        zeros = unpack_cols(np.asarray(tensors["qzeros"]), bits, AWQ_ORDER)
-    else:
-        in_features, out = q.shape[0] * pack, q.shape[1]
-        values = None
-        qzeros = np.asarray(tensors["qzeros"]).astype(np.int32).view(np.uint32)
-        if config.checkpoint_format == "gptq":
-            # Stored as zero - 1 by a subtraction on the packed word: undo it the same way.
-            qzeros = qzeros + np.uint32(sum(1 << (bits * j) for j in range(pack)))
-        zeros = unpack_cols(qzeros.view(np.int32), bits)
-    group = in_features if config.group_size == -1 else config.group_size
-    groups = in_features // group
-    if scales.shape != (groups, out):
-        raise _shape_error(module, "scales", scales.shape, (groups, out))
-    if zeros.shape != (groups, out):
-        raise _shape_error(module, "qzeros", np.asarray(tensors["qzeros"]).shape, (groups, out // pack))
-    result = {"scales": scales, "zeros": zeros.astype(np.float32)}
-    g_idx = tensors.get("g_idx")
-    in_order = np.arange(in_features) // group
-    perm = None
-    if g_idx is not None:
-        g_idx = np.asarray(g_idx).astype(np.int64)
-        if g_idx.shape != (in_features,):
-            raise _shape_error(module, "g_idx", g_idx.shape, (in_features,))
-        if not np.array_equal(g_idx, in_order):
-            if not config.act_order:
-                _check_in_order(module, g_idx, in_features, config)
-            if g_idx.min() < 0 or g_idx.max() >= groups or np.any(np.bincount(g_idx, minlength=groups) != group):
-                raise QuantizationError(f"{module}.g_idx does not give each of the {groups} groups {group} rows")
-            perm = np.argsort(g_idx, kind="stable")
-    if perm is not None:
-        values = unpack_rows(q, bits) if values is None else values
-        values = values[perm]
-    result["qweight"] = pack_rows(values, bits) if values is not None else q.view(np.int32)
-    if config.act_order:
-        result["perm"] = (np.arange(in_features) if perm is None else perm).astype(np.int32)
-    return result
-
 
 def map_checkpoint(spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray]],
                    config: QuantConfig | None) -> Iterator:
@@ -437,12 +324,12 @@ def map_checkpoint(spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray]],
         yield from dense_map(spec, tensors)
         return
     weight_map = family_of(spec.architecture).weight_map(spec)
-    required = _required(config)
+    required = required_leaves(config)
     pending: dict[str, dict] = {}
     done: dict[str, tuple] = {}           # checkpoint module -> its model module path
     perms: dict[tuple, np.ndarray] = {}   # model module path -> permutation (shared by fused parts)
     for name, array in tensors:
-        m = _QUANT_NAME.match(name)
+        m = QUANT_NAME.match(name)
         if m is None:
             for path, value in weight_map.map(spec, [(name, array)]):
                 if path[-1] == "kernel" and path[0] not in DENSE_ROLES:
@@ -454,7 +341,7 @@ def map_checkpoint(spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray]],
         module, leaf = m.groups()
         if module in done:
             if leaf == "g_idx" and not config.act_order:  # arrived after the others: must be in order
-                _check_in_order(module, np.asarray(array), done[module][1], config)
+                check_in_order(module, np.asarray(array), done[module][1], config)
                 continue
             raise QuantizationError(f"the checkpoint holds {name} twice")
         parts = pending.setdefault(module, {})
@@ -487,22 +374,3 @@ def map_checkpoint(spec: ModelSpec, tensors: Iterable[tuple[str, np.ndarray]],
         missing = [k for k in required if k not in parts]
         raise QuantizationError(f"checkpoint module {module} has {', '.join(sorted(parts))} but no "
                                 f"{', '.join(missing)}; {config.method} needs {', '.join(required)}")
-
-
-def _check_in_order(module: str, g_idx: np.ndarray, in_features: int, config: QuantConfig) -> None:
-    group = in_features if config.group_size == -1 else config.group_size
-    if not np.array_equal(g_idx.astype(np.int64), np.arange(in_features) // group):
-        raise QuantizationError(f"{module}.g_idx scatters the groups but the checkpoint says desc_act=false")
-
-
-def checkpoint_tensors(model_dir, load_format: str, config: QuantConfig | None, progress: bool = True):
-    """The checkpoint's tensors; a SqueezeLLM state dict may also be a ``*.pt`` file."""
-    from converters.checkpoint import ModelLoadError, _iter_pt, iter_checkpoint_tensors
-
-    try:
-        return iter_checkpoint_tensors(model_dir, load_format, progress=progress)
-    except ModelLoadError:
-        pt = sorted(Path(model_dir).glob("*.pt"))
-        if config is None or config.method != "squeezellm" or not pt or load_format not in ("auto", "pt"):
-            raise
-        return _iter_pt(pt, progress)
