@@ -451,8 +451,13 @@ def sweep_candidates(m: int, k_words: int, n: int, tile: int, num_sms: int = 132
                     continue
                 grid.append(dataclasses.replace(default, block_n=block_n, k_splits=splits, tiles_per_step=per_step))
     grid.sort(key=lambda c: (abs(math.log2((n // c.block_n) * c.k_splits / (3 * num_sms))), c.tiles_per_step != 2))
+    # Without split K: no zeroed output to add into and no cast after the kernel (two small
+    # XLA ops per call that a model step pays too), at the price of fewer programs.
+    whole_k = [dataclasses.replace(default, block_n=bn, k_splits=1, tiles_per_step=per_step, num_warps=warps)
+               for bn, per_step, warps in ((32, 4, 4), (32, 4, 8), (32, 2, 2), (64, 4, 8))
+               if n % bn == 0 and tiles % per_step == 0]
     seen, unique = set(), []
-    for c in [default] + near[:3] + grid[:6] + near[3:] + grid[6:]:
+    for c in [default] + near[:3] + whole_k[:2] + grid[:6] + near[3:] + whole_k[2:] + grid[6:]:
         if c not in seen:
             seen.add(c)
             unique.append(c)
