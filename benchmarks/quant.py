@@ -19,11 +19,14 @@ Stages (``--stages``, default all; one JSON written after each):
              torch_bf16 / torch_int4   peers: torch.mm (cuBLAS) and torch's tinygemm int4
                             kernel (torch._weight_int4pack_mm, what torchao and gpt-fast run)
            Each is checked against a float32 reference on fresh random inputs before it
-           is timed. Time: one jitted program (or CUDA graph) of >= 48 back-to-back calls,
-           each on its own activations and on rotating weight copies (>= 256 MB, so no
-           call reads another's weights from L2), median of repeats / calls. Bandwidth
-           counts the bytes each path must read; fraction = that / copy bandwidth;
-           speedups are against the faster of XLA's and torch's bf16 matmul.
+           is timed. Time: one jitted program (torch: one CUDA graph) of >= 16 back-to-back
+           calls, each on its own activations and its own weight copy (>= 256 MB of them,
+           so no call finds another's weights in L2, and XLA's dot merger cannot read one
+           weight for several calls), as the GPU's busy time per call from a profiled run
+           (kernels and memsets; host launch gaps excluded; the wall time per call is
+           recorded beside it). Bandwidth counts the bytes each path must read;
+           fraction = that / copy bandwidth; speedups are against the faster of XLA's and
+           torch's bf16 matmul.
            Also the codebook (SqueezeLLM) kernel per projection at M=1 and 16.
   sweep    the kernel's configurations (block_n, k_splits, tiles per step, warps, stages,
            atomic vs partials) per projection at M=1 and M=16, within --sweep-seconds
@@ -176,16 +179,42 @@ def form_bytes(k: int, n: int, group: int, form: str) -> int:
     return {"packed": k * n // 2 + scales, "uint4": k * n // 2 + scales, "dense": 2 * k * n}[form]
 
 
-def time_jax(fn, weight_sets, xs, repeats: int, compiler_options=None, static=None) -> float:
-    """Seconds per call: ``len(xs)`` calls in one jitted program, call i on activations
-    xs[i] and weights weight_sets[i % copies] (no two calls alike, so XLA merges none)."""
+def device_seconds(trace_dir: str) -> tuple[float, float, int]:
+    """(busy, span, kernels) of the first GPU's stream events in a jax.profiler trace:
+    busy sums the kernels' (and memsets') durations, span runs from the first start to the
+    last end."""
+    import glob
+
+    import jax
+
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    events = []
+    for plane in jax.profiler.ProfileData.from_file(files[0]).planes:
+        if plane.name.startswith("/device:GPU:0"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    events += [(ev.start_ns, ev.start_ns + ev.duration_ns) for ev in line.events]
+    if not events:
+        raise RuntimeError("the trace holds no GPU stream events")
+    events.sort()
+    return sum(e - s for s, e in events) / 1e9, (events[-1][1] - events[0][0]) / 1e9, len(events)
+
+
+def time_jax(fn, weight_sets, xs, repeats: int, compiler_options=None, static=None, profile=True) -> dict:
+    """Per call: ``len(xs)`` calls in one jitted program, call i on activations xs[i] and
+    weights weight_sets[i] (no two calls share an operand, so XLA merges none: its dot
+    merger would otherwise read a shared weight once for several calls). Wall time (median
+    of ``repeats``, host launches included) and, from one profiled run, the GPU's busy
+    time (kernels and memsets) and span per call."""
     import jax
 
     static = static or {}
+    assert len(weight_sets) >= len(xs), "one weight copy per call"
 
     def chain(xs, weight_sets):
-        return [fn(x, *weight_sets[i % len(weight_sets)], **static) for i, x in enumerate(xs)]
+        return [fn(x, *weight_sets[i], **static) for i, x in enumerate(xs)]
 
+    weight_sets = weight_sets[:len(xs)]
     lowered = jax.jit(chain).lower(xs, weight_sets)
     exe = lowered.compile(compiler_options) if compiler_options else lowered.compile()
     jax.block_until_ready(exe(xs, weight_sets))
@@ -194,7 +223,15 @@ def time_jax(fn, weight_sets, xs, repeats: int, compiler_options=None, static=No
         t = time.perf_counter()
         jax.block_until_ready(exe(xs, weight_sets))
         times.append(time.perf_counter() - t)
-    return float(np.median(times)) / len(xs)
+    out = {"wall": float(np.median(times)) / len(xs)}
+    if profile:
+        trace_dir = tempfile.mkdtemp()
+        jax.profiler.start_trace(trace_dir)
+        jax.block_until_ready(exe(xs, weight_sets))
+        jax.profiler.stop_trace()
+        busy, span, kernels = device_seconds(trace_dir)
+        out.update(busy=busy / len(xs), span=span / len(xs), kernels_per_call=kernels / len(xs))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,13 +325,15 @@ def kernel_stage(args, bandwidth: float, on_gpu: bool) -> dict:
     from pallas_kernels import w4a16
 
     out = {"cases": [], "crossover_m": {}, "method": (
-        "one jitted program of back-to-back calls, each on its own activations and rotating weight copies "
-        f"(>= {ROTATE_BYTES >> 20} MB), median of {args.repeats} runs / calls; torch: CUDA graph replays")}
+        "GPU busy time per call (profiler) over one jitted program of back-to-back calls, each on its own "
+        f"activations and weight copy (>= {ROTATE_BYTES >> 20} MB of copies); wall time beside it (median of "
+        f"{args.repeats}); torch: CUDA graph replays timed with events")}
     use_torch = on_gpu and torch_available()
     for name, (k, n) in projections(args.shape).items():
-        copies = max(2, math.ceil(ROTATE_BYTES / form_bytes(k, n, args.group, "packed"))) if on_gpu else 1
+        # One weight copy per call: >= --calls, and >= ROTATE_BYTES of int4 weights.
+        copies = max(args.calls, math.ceil(ROTATE_BYTES / form_bytes(k, n, args.group, "packed"))) if on_gpu else 1
         sets = [random_weights(k, n, args.group, seed) for seed in range(copies)]
-        dense_copies = max(2, math.ceil(ROTATE_BYTES / form_bytes(k, n, args.group, "dense"))) if on_gpu else 1
+        dense_copies = copies
         tile = sets[0].tile
         forms = {}
         crossover = None
@@ -304,10 +343,11 @@ def kernel_stage(args, bandwidth: float, on_gpu: bool) -> dict:
                     "weight_copies": copies}
             default = w4a16.default_config(m, k // 8, n, tile)
             case["pallas_config"] = dataclasses.asdict(default)
-            xs = [jax.random.normal(jax.random.key(1000 + i), (m, k), jnp.bfloat16)
-                  for i in range(max(args.calls, copies))]
+            xs = [jax.random.normal(jax.random.key(1000 + i), (m, k), jnp.bfloat16) for i in range(copies)]
             want = reference(xs[0], sets[0])
             variants = jax_paths(interpret=not on_gpu)
+            if m not in (1, 16):  # the other token counts: our kernel and the bf16 references only
+                variants = {key: v for key, v in variants.items() if key in ("pallas", "bf16")}
             if default.k_splits > 1:  # the other way to sum split K
                 other = "partials" if default.reduce == "atomic" else "atomic"
                 variants[f"pallas_{other}"] = jax_paths(dataclasses.replace(default, reduce=other),
@@ -326,8 +366,11 @@ def kernel_stage(args, bandwidth: float, on_gpu: bool) -> dict:
                                              f"float32 reference")
                     if on_gpu:
                         options = {SUBCHANNEL_FLAG: True} if label == "xla_int4_subchannel" else None
-                        sec = time_jax(fn, wsets, xs, args.repeats, options, static)
+                        t = time_jax(fn, wsets, xs, args.repeats, options, static)
+                        sec = t["busy"]
                         case[f"{label}_ms"] = sec * 1e3
+                        case[f"{label}_wall_ms"], case[f"{label}_span_ms"] = t["wall"] * 1e3, t["span"] * 1e3
+                        case[f"{label}_kernels_per_call"] = t["kernels_per_call"]
                         case[f"{label}_fraction_of_copy_bandwidth"] = form_bytes(k, n, args.group, form) / sec / bandwidth
                 except Exception as e:  # noqa: BLE001
                     case[label] = error_record(e)
@@ -346,8 +389,7 @@ def kernel_stage(args, bandwidth: float, on_gpu: bool) -> dict:
             case = {"projection": name, "variant": "lut", "M": m, "K": k, "N": n}
             try:
                 lut = jax.random.normal(jax.random.key(7), (16, n), jnp.bfloat16)
-                xs = [jax.random.normal(jax.random.key(2000 + i), (m, k), jnp.bfloat16)
-                      for i in range(max(args.calls, copies))]
+                xs = [jax.random.normal(jax.random.key(2000 + i), (m, k), jnp.bfloat16) for i in range(copies)]
                 want = jnp.dot(xs[0].astype(jnp.float32),
                                w4a16.dequantize_lut(sets[0].qweight, lut, tile_words=tile),
                                precision=jax.lax.Precision.HIGHEST)
@@ -355,7 +397,7 @@ def kernel_stage(args, bandwidth: float, on_gpu: bool) -> dict:
                     (lambda x, q, t, tile: w4a16.quant_matmul_pallas(x, q, lut=t, tile_words=tile, interpret=True))
                 case["rel_error_vs_reference"] = rel_error(fn(xs[0], sets[0].qweight, lut, tile), want)
                 if on_gpu:
-                    sec = time_jax(fn, [(w.qweight, lut) for w in sets], xs, args.repeats, static={"tile": tile})
+                    sec = time_jax(fn, [(w.qweight, lut) for w in sets], xs, args.repeats, static={"tile": tile})["busy"]
                     case["lut_ms"] = sec * 1e3
                     case["fraction_of_copy_bandwidth"] = (k * n // 2 + 2 * 16 * n) / sec / bandwidth
                     best_bf16 = next((c["best_bf16_ms"] for c in out["cases"] if c.get("projection") == name
@@ -473,10 +515,9 @@ def sweep_stage(args, bandwidth: float) -> dict:
     queues = {}
     for m in (1, 16):
         for name, (k, n) in projections(args.shape).items():
-            copies = 1 if args.tiny else max(2, math.ceil((ROTATE_BYTES // 2) / form_bytes(k, n, args.group, "packed")))
+            copies = 1 if args.tiny else max(16, math.ceil((ROTATE_BYTES // 2) / form_bytes(k, n, args.group, "packed")))
             sets = [random_weights(k, n, args.group, seed) for seed in range(copies)]
-            xs = [jax.random.normal(jax.random.key(3000 + i), (m, k), jnp.bfloat16)
-                  for i in range(2 if args.tiny else max(24, copies))]
+            xs = [jax.random.normal(jax.random.key(3000 + i), (m, k), jnp.bfloat16) for i in range(copies)]
             queues[(name, m)] = dict(k=k, n=n, tile=sets[0].tile, wsets=[(w.qweight, w.scales, w.zeros) for w in sets],
                                      xs=xs, want=reference(xs[0], sets[0]),
                                      todo=sweep_candidates(m, k // 8, n, sets[0].tile))
@@ -493,8 +534,9 @@ def sweep_stage(args, bandwidth: float) -> dict:
                 row["rel_error"] = rel_error(got, q["want"])
                 if row["rel_error"] > 2e-2:
                     raise AssertionError(f"relative error {row['rel_error']:.2e}")
-                sec = time_jax(fn, q["wsets"], q["xs"], 5, static={"tile": q["tile"]})
-                row["ms"] = sec * 1e3
+                t = time_jax(fn, q["wsets"], q["xs"], 3, static={"tile": q["tile"]}, profile=not args.tiny)
+                sec = t.get("busy", t["wall"])
+                row["ms"], row["wall_ms"] = sec * 1e3, t["wall"] * 1e3
                 row["fraction_of_copy_bandwidth"] = form_bytes(q["k"], q["n"], args.group, "packed") / sec / bandwidth
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -544,7 +586,10 @@ def decode_model(args, label: str, bandwidth: float) -> dict:
     model = loader.random_model(spec, dtype="bfloat16", mesh=parallel.make_mesh(1), max_model_len=max_model_len)
     jax.block_until_ready(jax.tree_util.tree_leaves(model.state))
     out["random_init_s"] = time.perf_counter() - t
-    options = dict(dtype="bf16", max_model_len=max_model_len, max_rolling_batch_size=max(args.batches))
+    # An explicit cache (every sequence at full length): sized from memory, the engine left too
+    # little for the step's temporaries at batch 64 on an H100 (OOM in the first step).
+    options = dict(dtype="bf16", max_model_len=max_model_len, max_rolling_batch_size=max(args.batches),
+                   num_kv_blocks=max(args.batches) * math.ceil(max_model_len / 16) + 64)
     options.update(dict(o.split("=", 1) for o in args.option))
     out["options"] = {k: str(v) for k, v in options.items()}
     engine = engine_for_model(model, None, config_from_kwargs(None, **options), max_model_len=max_model_len,
@@ -644,7 +689,7 @@ def main():
     parser.add_argument("--tokens", default="1,4,16,64", help="token counts M of the kernel comparison")
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--calls", type=int, default=48, help="calls per timed program (at least the weight copies)")
+    parser.add_argument("--calls", type=int, default=16, help="calls per timed program (each on its own weight copy)")
     parser.add_argument("--sweep-seconds", type=float, default=240)
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds from the start: the sweep ends early enough to finish within it")

@@ -175,6 +175,7 @@ class KernelConfig:
     reduce: str = "atomic"    # how split-K partial sums meet: atomic | partials
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool = False    # load the next step's tiles while computing this one's
 
     def check(self, m: int, k_words: int, n: int, tile_words: int) -> None:
         tiles = k_words // tile_words
@@ -203,16 +204,20 @@ def kernel_supports(m: int, n: int, tile_words: int) -> bool:
 
 
 def default_config(m: int, k_words: int, n: int, tile_words: int, num_sms: int = 132) -> KernelConfig:
-    """Programs enough to keep every SM streaming (H100/H200: 132): the CUDA-core path up
-    to GEMV_MAX_M rows, 64 columns a program, two tiles per step, and K split (atomic adds)
-    until there are >= 2 programs per SM while each split keeps >= 4 steps."""
+    """The configuration measured best on an H100 (benchmarks/quant.py sweep, NOTES.md):
+    gemv: 32 columns, four tiles a step and no split K when that gives >= 512 programs
+    (gate/up), else 64 columns and K split until >= ~3 programs per SM; mma: 64 columns
+    (a cheaper operand layout than 128), K split until >= ~2 programs per SM."""
     tiles = k_words // tile_words
     path = "gemv" if m <= GEMV_MAX_M or tile_words < 16 else "mma"
-    block_n = _largest_pow2_divisor(n, 64 if path == "gemv" else 128)
+    if path == "gemv" and n % 32 == 0 and n // 32 >= 4 * num_sms and tiles % 4 == 0:
+        return KernelConfig(path=path, block_n=32, tiles_per_step=4, k_splits=1, num_warps=4, num_stages=3)
+    block_n = _largest_pow2_divisor(n, 64)
     per_step = _largest_pow2_divisor(tiles, 2)
+    want = (384 if path == "gemv" else 256) * num_sms // 132
     splits = 1
-    while (n // block_n) * splits < 2 * num_sms and tiles % (splits * 2 * per_step) == 0 \
-            and tiles // (splits * 2) >= 4 * per_step:
+    while (n // block_n) * splits < want and tiles % (splits * 2 * per_step) == 0 \
+            and tiles // (splits * 2) >= 2 * per_step:
         splits *= 2
     return KernelConfig(path=path, block_n=block_n, tiles_per_step=per_step, k_splits=splits,
                         num_warps=4, num_stages=3 if path == "gemv" else 2)
@@ -268,15 +273,22 @@ def _quant_kernel(x_ref, q_ref, a_ref, b_ref, magic_ref, *refs, bits, tile_words
     if lut:  # the 2^bits codebook rows of these columns, loaded once
         table = [a_ref[pl.ds(i, 1), cols].astype(jnp.float32) for i in range(1 << bits)]
 
-    def tile(t, accs):
+    def load(t):
+        """Tile t's words [T, bn] int32 and (grouped) its scale and zero rows [1, bn]."""
+        words = q_ref[pl.ds(pl.multiple_of(t * t_words, t_words), t_words), cols]
+        if lut:
+            return (words,)
+        g = t // group_tiles
+        return words, a_ref[pl.ds(g, 1), cols], b_ref[pl.ds(g, 1), cols]
+
+    def tile(t, loaded, accs):
         """Multiply-accumulate tile t (P*T input rows, one group's) into ``accs``."""
-        words = q_ref[pl.ds(pl.multiple_of(t * t_words, t_words), t_words), cols]      # [T, bn] int32
+        words = loaded[0]
         high = lax.shift_right_logical(words, _high_shift(bits))
         row0 = t * (pack * t_words)
         if not lut:
-            g = t // group_tiles
-            scale = a_ref[pl.ds(g, 1), cols].astype(jnp.float32)                        # [1, bn]
-            zero = b_ref[pl.ds(g, 1), cols].astype(jnp.float32)
+            scale = loaded[1].astype(jnp.float32)                                       # [1, bn]
+            zero = loaded[2].astype(jnp.float32)
             if not gemv:
                 zero_scale = zero * scale                                               # (q - z) s = q s - z s
         if gemv:
@@ -311,18 +323,40 @@ def _quant_kernel(x_ref, q_ref, a_ref, b_ref, magic_ref, *refs, bits, tile_words
                 accs[r] = accs[r] + scale * (group_accs[r] - zero * x_sums[r][:, None])
         return accs
 
+    steps = tiles_per_split // cfg.tiles_per_step
+
+    def first_tile(s):
+        return split * tiles_per_split + s * cfg.tiles_per_step
+
     def step(s, accs):
-        first = split * tiles_per_split + s * cfg.tiles_per_step
+        first = first_tile(s)
         accs = list(accs)
         for u in range(cfg.tiles_per_step):
-            accs = tile(first + u, accs)
+            accs = tile(first + u, load(first + u), accs)
         return tuple(accs)
+
+    def prefetching_step(s, carry):
+        """As ``step``, with step s's tiles loaded one step ahead (registers double-buffered:
+        Triton software-pipelines only loads that feed a dot)."""
+        accs, loaded = carry
+        ahead = first_tile(jnp.minimum(s + 1, steps - 1))
+        upcoming = tuple(load(ahead + u) for u in range(cfg.tiles_per_step))
+        first = first_tile(s)
+        accs = list(accs)
+        for u in range(cfg.tiles_per_step):
+            accs = tile(first + u, loaded[u], accs)
+        return tuple(accs), upcoming
 
     if gemv:
         init = tuple(jnp.zeros((t_words, bn), jnp.float32) for _ in range(m))
     else:
         init = (jnp.zeros((x_ref.shape[0], bn), jnp.float32),)
-    accs = lax.fori_loop(0, tiles_per_split // cfg.tiles_per_step, step, init)
+    if cfg.prefetch:
+        first = first_tile(0)
+        loaded = tuple(load(first + u) for u in range(cfg.tiles_per_step))
+        accs, _ = lax.fori_loop(0, steps, prefetching_step, (init, loaded))
+    else:
+        accs = lax.fori_loop(0, steps, step, init)
     if gemv:
         rows = [jnp.sum(a, axis=0, keepdims=True) for a in accs]                        # [1, bn] each
     else:
