@@ -338,6 +338,10 @@ def kernel_stage(args, bandwidth: float, on_gpu: bool) -> dict:
         forms = {}
         crossover = None
         for m in args.tokens:
+            if args.time_limit and time.perf_counter() - STARTED > args.time_limit:
+                log(f"time limit: {name} M={m} and after not measured")
+                out["stopped_at"] = f"{name} M={m}"
+                break
             case = {"projection": name, "K": k, "N": n, "M": m, "group": args.group, "tile_words": tile,
                     "packed_bytes": form_bytes(k, n, args.group, "packed"), "bf16_bytes": 2 * k * n,
                     "weight_copies": copies}
@@ -385,7 +389,7 @@ def kernel_stage(args, bandwidth: float, on_gpu: bool) -> dict:
             log(line(case))
         out["crossover_m"][name] = crossover
         # The codebook kernel at this projection.
-        for m in (1, 16):
+        for m in ((1, 16) if not (args.time_limit and time.perf_counter() - STARTED > args.time_limit) else ()):
             case = {"projection": name, "variant": "lut", "M": m, "K": k, "N": n}
             try:
                 lut = jax.random.normal(jax.random.key(7), (16, n), jnp.bfloat16)
@@ -692,7 +696,8 @@ def main():
     parser.add_argument("--calls", type=int, default=16, help="calls per timed program (each on its own weight copy)")
     parser.add_argument("--sweep-seconds", type=float, default=240)
     parser.add_argument("--time-limit", type=float, default=None,
-                        help="seconds from the start: the sweep ends early enough to finish within it")
+                        help="seconds from the start: the kernel stage stops starting new cases after it, "
+                             "the sweep ends early enough to finish within it")
     parser.add_argument("--num-layers", type=int, default=None, help="fewer layers than Llama-3-8B's 32")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
