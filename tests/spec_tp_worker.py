@@ -17,11 +17,11 @@ report = {}
 for draft_tp in (2, 1):
     llm = LLM(TARGET, draft_model_tp_size=draft_tp, **OPTIONS)
     outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=12, ignore_eos=True), use_tqdm=False)
-    runner = llm.engine.spec_runner
+    runner = llm.engine.runner
     report[draft_tp] = {
         "tokens": [o.token_ids for o in outs],
         "accepted": llm.engine.spec_stats.num_accepted_tokens,
-        "target_kv": str(runner.target.kv_caches[0][0].sharding.spec),
+        "target_kv": str(runner.kv_caches[0][0].sharding.spec),
         "draft_kv": str(runner.draft_kv_caches[0][0].sharding.spec),
         "draft_devices": len(runner.draft_kv_caches[0][0].sharding.device_set),
     }

@@ -1,7 +1,9 @@
 """Speculative decoding with a draft model: greedy outputs token-identical to the target
 alone (mixed prompt lengths, chunked prefill, preemption, prefix caching), the rejection
-sampler keeps the target's distribution, self-drafting accepts everything, records,
-stops inside an accepted run, no leaked blocks, start-up refusals."""
+sampler keeps the target's distribution, self-drafting accepts everything, verify rows
+compute exactly what plain decode steps compute, records, stops inside an accepted run,
+no leaked blocks, LoRA adapters and a GPTQ draft, compiled steps from the executable
+cache, start-up refusals."""
 
 import json
 import logging
@@ -14,8 +16,8 @@ import pytest
 from scipy import stats
 
 from lmidist_jax import LLM, SamplingParams
-from lmidist_jax.engine.sampler import SamplingBatch
-from lmidist_jax.engine.spec_decode import DraftModelError, verify, write_layer_skip_draft
+from lmidist_jax.engine.sampler import SamplingBatch, rejection_sample
+from lmidist_jax.engine.spec_decode import DraftModelError, write_layer_skip_draft
 from tiny_models import make_model
 
 VOCAB = 32  # small, so that sampled distributions can be compared with few samples
@@ -91,13 +93,13 @@ def test_rejection_sampler_keeps_target_distribution():
         repetition_penalty=jnp.ones(rows, jnp.float32), presence_penalty=jnp.zeros(rows, jnp.float32),
         frequency_penalty=jnp.zeros(rows, jnp.float32), seeds=jnp.arange(rows, dtype=jnp.uint32),
         sample_index=jnp.zeros(rows, jnp.int32), top_n=jnp.zeros(rows, jnp.int32))
-    out = jax.jit(verify, static_argnums=8)(
+    out = jax.jit(rejection_sample, static_argnums=8)(
         jnp.broadcast_to(jnp.asarray(target_logits, jnp.float32), (rows, k + 1, vocab)),
         jnp.asarray(proposals, jnp.int32),
         jnp.broadcast_to(jnp.asarray(draft_probs, jnp.float32), (rows, k, vocab)),
         jnp.full(rows, k, jnp.int32), jnp.zeros((1, vocab), bool), jnp.zeros((1, vocab), jnp.int32),
         jnp.zeros(rows, jnp.int32), params, 0)
-    tokens, accepted = np.asarray(out.token_ids), np.asarray(out.num_accepted)
+    tokens, accepted = np.asarray(out.token_ids), np.asarray(out.num_tokens) - 1
     p = np.exp(target_logits / 0.7)
     p /= p.sum(-1, keepdims=True)
     first = np.bincount(tokens[:, 0], minlength=vocab)
@@ -119,7 +121,7 @@ def test_greedy_identical_with_weaker_draft_chunking_preemption_prefix_cache(ski
     assert engine.stats.num_preemptions > 0  # the small pool preempted and recomputed
     spec = engine.spec_stats
     assert 0 < spec.num_accepted_tokens < spec.num_proposed_tokens  # a weaker draft: some rejections
-    assert not engine.spec_runner.lazily_compiled  # warmed up: no step compiled on first use
+    assert not engine.runner.lazily_compiled  # warmed up: no step compiled on first use
     assert_no_leaks(skip_llm)
     # A prompt again, its blocks now in the prefix cache: a hit, the same tokens.
     i = int(np.argmax([len(p) for p in mixed_prompts()]))
@@ -149,6 +151,56 @@ def test_self_draft_accepts_everything_and_records(self_llm, reference_outputs, 
     alone = self_llm.generate([mixed_prompts()[3]], GREEDY, use_tqdm=False)[0]
     assert alone.token_ids == reference_outputs[3] and alone.spec_decode["acceptance_history_len"] == 2
     assert_no_leaks(self_llm)
+
+
+def test_verify_rows_compute_exactly_what_decode_steps_compute(self_llm, reference):
+    """A lone request: the plain engine decodes one token per step (the decode kernel over
+    one query), the speculative one verifies 4 proposals per step (the decode kernel over
+    5 queries of the sequence, beside 11 padding tokens). Same attention path and tiling:
+    the target's log-probabilities are equal bit for bit, not only close (the mixed-batch
+    path the verify rows took before differed in the last bits)."""
+    params = SamplingParams(max_new_tokens=14, ignore_eos=True, logprobs=True)
+    prompt = mixed_prompts()[1]
+    ours = self_llm.generate([prompt], params, use_tqdm=False)[0]
+    ref = reference.generate([prompt], params, use_tqdm=False)[0]
+    assert ours.token_ids == ref.token_ids and ours.spec_decode["acceptance_history_len"] >= 2
+    assert [e.logprob for e in ours.outputs[0].logprobs] == [e.logprob for e in ref.outputs[0].logprobs]
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton"])
+def test_verify_queries_attend_exactly_as_decode_queries(backend):
+    """Attention of a verify row (a sequence's last token and its 4 proposals, each a
+    decode query over the keys up to its position) equals, bit for bit, the decode step
+    of each position on its own: the XLA path the CPU runs, and the Pallas decode kernel
+    (interpret mode), whose split-K is sized by the step's sequences, not its queries
+    (16 queries would otherwise get 32 splits, one sequence 64)."""
+    from pallas_kernels import paged_decode_attention
+    from lmidist_jax.models.attention import paged_attention
+    from lmidist_jax.models.step_metadata import StepMetadataBuilder
+
+    rng = np.random.default_rng(0)
+    block_size, max_blocks, kv_heads, heads, head_dim, context, k = 4, 64, 2, 4, 16, 150, 4
+    blocks = rng.permutation(np.arange(1, max_blocks + 1))[:-(-context // block_size)]
+    k_pages, v_pages = (jnp.asarray(rng.normal(size=(kv_heads, max_blocks + 1, block_size, head_dim)), jnp.float32)
+                        for _ in range(2))
+    q = jnp.asarray(rng.normal(size=(16, heads, head_dim)), jnp.float32)
+    start = context - k - 1
+
+    def attend(md, q):
+        if backend == "xla":
+            return paged_attention(q, k_pages, v_pages, md, mesh=None, scale=0.25)
+        tables, lens = md.decode_queries(block_size)
+        return paged_decode_attention(q, k_pages, v_pages, tables, lens, scale=0.25, num_seqs=md.block_tables.shape[0],
+                                      pages_per_compute_block=1, interpret=True)
+
+    verify = StepMetadataBuilder(16, 4, max_blocks, block_size)
+    verify.add_sequence(0, blocks, start, k + 1, num_proposals=k)
+    got = np.asarray(attend(verify.build(decode_only=True, backend=backend), q))[:k + 1]
+    for j in range(k + 1):
+        decode = StepMetadataBuilder(1, 1, max_blocks, block_size)
+        decode.add_sequence(0, blocks, start + j, 1)
+        want = np.asarray(attend(decode.build(decode_only=True, backend=backend), q[j:j + 1]))[0]
+        np.testing.assert_array_equal(got[j], want)
 
 
 def test_stops_inside_an_accepted_run_and_length_limits(self_llm, reference, reference_outputs):
@@ -231,13 +283,13 @@ def random_draft(skip_llm, tmp_path_factory):
     """An unrelated 1-layer model of the same vocabulary (and layout as the layer-skip draft)."""
     import dataclasses
 
-    from lmidist_jax.engine.spec_decode import load_draft_model
+    from lmidist_jax.engine.factory import load_draft
 
     directory = tmp_path_factory.mktemp("random_draft")
     make_model(directory, "llama", seed=7, vocab_size=VOCAB, num_hidden_layers=1, num_key_value_heads=2)
     config = dataclasses.replace(skip_llm.config, speculative_draft_model=str(directory))
     engine = skip_llm.engine
-    return load_draft_model(config, engine.runner.model, engine.tokenizer, max_model_len=engine.max_model_len)
+    return load_draft(config, engine.runner.model, engine.tokenizer, max_model_len=engine.max_model_len)
 
 
 def test_sampled_tokens_follow_the_target_distribution(skip_llm, reference, random_draft):
@@ -250,7 +302,7 @@ def test_sampled_tokens_follow_the_target_distribution(skip_llm, reference, rand
     params = [SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=0.3, top_k=20, seed=s)
               for s in range(600)]
     prompt = [5, 9, 17, 4]
-    runner = skip_llm.engine.spec_runner
+    runner = skip_llm.engine.runner
     layer_skip, runner.draft = runner.draft, random_draft
     try:
         ours = np.array([o.token_ids for o in skip_llm.generate([prompt] * 600, params, use_tqdm=False)])
@@ -284,9 +336,10 @@ def test_draft_with_another_vocabulary_is_refused(dirs, tmp_path):
 
 def test_invalid_combinations_are_refused(dirs):
     from lmidist_jax.config import ConfigError
+    from lmidist_jax.engine.factory import EngineConfigError
 
-    with pytest.raises(ConfigError, match="Cannot enable lora and speculative decoding at the same time"):
-        LLM(dirs[0], **{**OPTIONS, "speculative_draft_model": dirs[1], "enable_lora": True})
+    with pytest.raises(EngineConfigError, match=r"max_rolling_batch_prefill_tokens=4 cannot hold one verify row"):
+        LLM(dirs[0], **{**OPTIONS, "speculative_draft_model": dirs[1], "max_rolling_batch_prefill_tokens": 4})
     with pytest.raises(ConfigError, match=r"draft_model_tp_size=2 is not valid: accepted 1 or tensor_parallel"):
         LLM(dirs[0], **{**OPTIONS, "speculative_draft_model": dirs[1], "draft_model_tp_size": 2})
     with pytest.raises(ConfigError, match=r"decode_steps=4 with option.speculative_draft_model"):
