@@ -325,6 +325,113 @@ def test_sampled_tokens_follow_the_target_distribution(skip_llm, reference, rand
     assert_no_leaks(skip_llm)
 
 
+# -- LoRA adapters, a quantized draft -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_llms(dirs, tmp_path_factory):
+    """The target with LoRA (two PEFT adapters a1, a2) and prefix caching: alone, and with
+    the layer-skip draft (which runs the base model)."""
+    import transformers
+    from test_lora import save_adapter
+
+    root = tmp_path_factory.mktemp("spec_lora")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dirs[0])
+    save_adapter(hf, root / "a1", 8, 8, ["q_proj", "v_proj", "down_proj"], seed=10, extra={})
+    save_adapter(hf, root / "a2", 4, 8, ["k_proj", "o_proj", "up_proj"], seed=20, extra={})
+    options = {**OPTIONS, "enable_lora": True, "max_loras": 2, "max_lora_rank": 8, "enable_prefix_caching": True}
+    llms = []
+    for draft in ({}, {"speculative_draft_model": dirs[1], "speculative_length": 3}):
+        llm = LLM(dirs[0], **options, **draft)
+        for name in ("a1", "a2"):
+            llm.add_adapter(name, str(root / name))
+        llms.append(llm)
+    return llms
+
+
+def test_lora_adapters_with_a_draft_and_prefix_caching(lora_llms):
+    """LoRA with a draft (lmi-dist refused the pair): the target applies each request's
+    adapter, the draft proposes with the base model. A batch mixing two adapters and the
+    base model gives every request the greedy tokens of the target with its adapter
+    alone. With prefix caching, full blocks are published under each request's adapter
+    key, so a prompt cached under one adapter serves only that adapter (the speculative
+    engine's own copy of the update rule published them without the key, and the base
+    model then reused an adapter's KV)."""
+    alone, drafted = lora_llms
+    prompts, adapters = mixed_prompts()[:4], [None, "a1", "a2", "a1"]
+    expected = [o.token_ids for o in alone.generate(prompts, GREEDY, use_tqdm=False, adapters=adapters)]
+    base = [o.token_ids for o in alone.generate(prompts, GREEDY, use_tqdm=False)]
+    assert all(e != b for e, b, a in zip(expected, base, adapters) if a)  # each adapter matters
+    assert [o.token_ids for o in drafted.generate(prompts, GREEDY, use_tqdm=False, adapters=adapters)] == expected
+    spec = drafted.engine.spec_stats
+    assert 0 < spec.num_accepted_tokens < spec.num_proposed_tokens
+
+    prompt = list(map(int, np.random.default_rng(7).integers(3, VOCAB, 30)))  # 7 full blocks of 4 + 2
+    engine, computed = drafted.engine, []
+    for adapter in ("a1", None, "a1", "a2", None):
+        before = engine.stats.num_computed_prompt_tokens
+        out = drafted.generate([prompt], GREEDY, use_tqdm=False, adapters=[adapter])[0]
+        assert out.token_ids == alone.generate([prompt], GREEDY, use_tqdm=False, adapters=[adapter])[0].token_ids
+        computed.append(engine.stats.num_computed_prompt_tokens - before)
+    assert computed == [30, 30, 2, 30, 2], computed
+    uid = engine.lora.registry["a1"].uid
+    cached = engine.block_manager._hash_to_block
+    assert all(h in cached for h in engine.block_manager.block_hashes(prompt, 4, 7, extra_key=uid))
+    assert_no_leaks(drafted)
+
+
+def test_gptq_draft_for_a_dense_target(tmp_path):
+    """A 4-bit GPTQ checkpoint of the target as its draft (a real use: a quantized draft
+    for a bf16 target), loaded by the factory's loader as a GPTQ model: the target's
+    greedy tokens, its proposals mostly accepted."""
+    from quant_formats import make_quantized
+    from tiny_models import hf_greedy
+
+    sizes = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_hidden_layers=1,
+                 vocab_size=VOCAB)
+    target = make_model(tmp_path / "target", "llama", **sizes)
+    make_quantized(tmp_path / "draft", "llama", "gptq", group_size=64, **sizes)
+    llm = LLM(str(tmp_path / "target"), **{**OPTIONS, "speculative_draft_model": str(tmp_path / "draft"),
+                                           "speculative_length": 3})
+    assert llm.engine.runner.draft.spec.linear_kind.startswith("gptq")
+    prompts = mixed_prompts()[:4]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [hf_greedy(target, p, GREEDY.max_new_tokens) for p in prompts]
+    spec = llm.engine.spec_stats
+    assert spec.num_accepted_tokens > 0.5 * spec.num_proposed_tokens > 0
+
+
+# A fresh process with a draft: its tokens and how it got its compiled steps.
+CACHED_CHILD = """
+import json, sys
+from lmidist_jax import LLM, SamplingParams
+llm = LLM(sys.argv[1], compilation_cache_dir=sys.argv[2], **json.loads(sys.argv[3]))
+out = llm.generate([[5, 9, 17, 4, 22]], SamplingParams(max_new_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+runner = llm.engine.runner
+print(json.dumps({"tokens": out.token_ids, "traces": runner.num_step_traces, "hits": runner.executable_cache.hits,
+                  "accepted": llm.engine.spec_stats.num_accepted_tokens}))
+"""
+
+
+def test_second_process_loads_the_speculative_steps_from_the_executable_cache(dirs, reference, tmp_path):
+    """The speculative step is the runner's one step: it goes through the executable
+    cache like any other. The first process traces and stores its two buckets (the
+    prefill and the verify step), the second loads them and traces nothing."""
+    import os
+    import subprocess
+    import sys
+
+    options = json.dumps({**OPTIONS, "speculative_draft_model": dirs[0], "speculative_length": 3})
+    runs = [json.loads(subprocess.run([sys.executable, "-c", CACHED_CHILD, dirs[0], str(tmp_path), options],
+                                      capture_output=True, text=True, check=True,
+                                      cwd=os.path.dirname(__file__)).stdout.strip().splitlines()[-1])
+            for _ in range(2)]
+    expected = reference.generate([[5, 9, 17, 4, 22]], SamplingParams(max_new_tokens=8, ignore_eos=True),
+                                  use_tqdm=False)[0].token_ids
+    assert runs[0]["traces"] == 2 and runs[0]["hits"] == 0 and runs[0]["accepted"] > 0
+    assert runs[1] == dict(runs[0], traces=0, hits=2) and runs[1]["tokens"] == expected
+
+
 # -- start-up refusals ------------------------------------------------------------------
 
 
@@ -351,16 +458,25 @@ def test_invalid_combinations_are_refused(dirs):
 
 def test_tensor_parallel_target_with_sharded_and_replicated_draft(dirs, reference_outputs):
     """TP=2 on 2 fake CPU devices: draft_model_tp_size=2 shards the draft's cache by KV
-    heads as the target's; 1 keeps the draft whole on both devices. Same greedy tokens."""
+    heads as the target's; 1 keeps the draft whole on both devices. Then two processes of
+    one device each (jax.distributed): the speculative step goes through the multi-host
+    broadcast like any step. Same greedy tokens."""
     import os
+    import socket
     import subprocess
     import sys
 
     worker = os.path.join(os.path.dirname(__file__), "spec_tp_worker.py")
-    prompts = mixed_prompts()[:4]
+    args = [sys.executable, worker, dirs[0], dirs[1], json.dumps(mixed_prompts()[:4])]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, worker, dirs[0], dirs[1], json.dumps(prompts)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    hosts = [subprocess.Popen(args, env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                                             LMIDIST_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                             LMIDIST_NUM_PROCESSES="2", LMIDIST_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for draft_tp, expected_kv in (("2", "P('tp', None, None, None)"), ("1", "P()")):
@@ -368,3 +484,8 @@ def test_tensor_parallel_target_with_sharded_and_replicated_draft(dirs, referenc
         assert r["tokens"] == reference_outputs[:4], draft_tp
         assert r["accepted"] > 0 and r["draft_devices"] == 2 and r["draft_kv"] == expected_kv
         assert r["target_kv"] == "P('tp', None, None, None)"
+    (leader_out, leader_err), (follower_out, follower_err) = (p.communicate(timeout=600) for p in hosts)
+    assert hosts[0].returncode == 0, leader_err[-3000:]
+    assert hosts[1].returncode == 0 and "FOLLOWER DONE" in follower_out, follower_err[-3000:]
+    leader = json.loads(leader_out.strip().splitlines()[-1])["2"]
+    assert leader["tokens"] == reference_outputs[:4] and leader["accepted"] > 0 and leader["draft_devices"] == 2

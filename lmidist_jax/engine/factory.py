@@ -145,6 +145,7 @@ def load_draft(config, target, target_tokenizer, *, max_model_len: int, progress
     from converters.checkpoint import load_config
 
     from ..model_store import resolve_model
+    from . import multihost
 
     if config.max_rolling_batch_prefill_tokens is not None and \
             config.max_rolling_batch_prefill_tokens < config.speculative_length + 1:
@@ -155,7 +156,15 @@ def load_draft(config, target, target_tokenizer, *, max_model_len: int, progress
     hf_config = load_config(draft_dir)
     spec = spec_from_hf_config(hf_config)
     check_draft_compatible(target.spec, spec, target_tokenizer, load_tokenizer(draft_dir), max_model_len)
-    whole = config.draft_model_tp_size != target.mesh.shape[parallel.TP_AXIS]
+    tp = target.mesh.shape[parallel.TP_AXIS]
+    whole = config.draft_model_tp_size != tp
+    if whole and multihost.is_multiprocess():
+        # A whole draft is loaded on one device, then copied to the others: one process
+        # cannot read another's device.
+        raise EngineConfigError(
+            f"draft_model_tp_size={config.draft_model_tp_size} (the draft whole on every device) is not supported "
+            f"with several processes (jax.distributed) yet: accepted draft_model_tp_size={tp} (sharded like the "
+            f"target)")
     mesh = parallel.make_mesh(1, target.mesh.devices.flat) if whole else target.mesh
     draft = load_weights(draft_dir, hf_config, spec, quantize=None, dtype=target.dtype, mesh=mesh,
                          max_model_len=max_model_len, load_format=config.load_format, progress=progress)
