@@ -309,7 +309,8 @@ def main():
     seq = prefilled(selfdraft, prompt, k)
     stage["verify"] = verify = verify_against_decode(selfdraft, seq, k, args.repeats)
     stage["step_costs"] = spec_step_costs(selfdraft, seq, k, decode_ms, args.repeats)
-    stage["model"] = speedup_model(stage["acceptance"], k, decode_ms, stage["step_costs"][f"spec_step_{k}_proposals_ms"])
+    stage["model"] = speedup_model(stage["acceptance"], k, decode_ms,
+                                   stage["step_costs"][f"spec_step_{k}_proposals_ms"])
     result["stages"]["self"] = stage
     print(f"self: acceptance {stage['acceptance']:.3f}, identical to plain decode over {len(ref)} tokens: "
           f"{stage['identical_to_baseline']} (first divergence {stage['first_divergence']}); target verify of "

@@ -463,7 +463,8 @@ class ModelRunner:
                 "decode_steps": self.decode_steps,
                 "draft": None if self.draft is None else {
                     "spec": repr(self.draft.spec), "dtype": str(self.draft.dtype),
-                    "tp": self.draft.mesh.shape[parallel.TP_AXIS], "num_speculative_tokens": self.num_speculative_tokens}}
+                    "tp": self.draft.mesh.shape[parallel.TP_AXIS],
+                    "num_speculative_tokens": self.num_speculative_tokens}}
 
     def _compile_step(self, key, args):
         """The compiled step of bucket ``key``: from the executable cache, else traced,

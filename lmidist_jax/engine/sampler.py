@@ -194,27 +194,38 @@ def rejection_sample(logits, proposals, draft_probs, num_proposals, prompt_mask,
 
     flat = _penalized(logits.reshape(num_rows * k1, vocab), count_rows, row_params)
     greedy = jnp.argmax(flat, axis=-1).astype(jnp.int32).reshape(num_rows, k1)
-    scaled = _scaled(flat, row_params).reshape(num_rows, k1, vocab)
-    target_probs = jax.nn.softmax(scaled, axis=-1)
-
-    # Acceptance: u < p/q, written without the division (q(d) > 0 for a token drawn from q).
-    positions = params.sample_index[:, None] + jnp.arange(k)[None, :]  # output position of each proposal
-    p_d = jnp.take_along_axis(target_probs[:, :k], proposals[..., None], axis=-1)[..., 0]
-    q_d = jnp.take_along_axis(draft_probs, proposals[..., None], axis=-1)[..., 0]
-    uniform = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32)))(
-        _row_keys(params.seeds[:, None], positions, ACCEPT_SALT))
-    accept = jnp.where((params.temperature <= 0)[:, None], proposals == greedy[:, :k], uniform * q_d < p_d)
-    accept = accept & (jnp.arange(k)[None, :] < num_proposals[:, None])
-    num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)  # [S]
-
-    # The token after the accepted run: at a rejection from the residual max(p - q, 0),
-    # else (every proposal accepted, or none made) from p as `sample` draws it.
     rows = jnp.arange(num_rows)
-    residual = jnp.maximum(target_probs[rows, num_accepted] - draft_probs[rows, jnp.minimum(num_accepted, k - 1)], 0.0)
-    # p == q (up to rounding) leaves no residual mass; rejection then had probability ~0.
-    from_residual = (num_accepted < num_proposals) & (jnp.sum(residual, axis=-1) > 0)
-    last_scaled = jnp.where(from_residual[:, None], jnp.log(residual), scaled[rows, num_accepted])
-    last = _draw(last_scaled, greedy[rows, num_accepted], params, params.sample_index + num_accepted)
+    proposed = jnp.arange(k)[None, :] < num_proposals[:, None]
+    greedy_accept = proposals == greedy[:, :k]  # greedy rows: the target's argmax
+
+    def accepted_run(accept):
+        return jnp.sum(jnp.cumprod((accept & proposed).astype(jnp.int32), axis=1), axis=1)  # [S]
+
+    def with_sampling(_):
+        scaled = _scaled(flat, row_params).reshape(num_rows, k1, vocab)
+        target_probs = jax.nn.softmax(scaled, axis=-1)
+        # Acceptance: u < p/q, written without the division (q(d) > 0 for a token drawn from q).
+        positions = params.sample_index[:, None] + jnp.arange(k)[None, :]  # output position of each proposal
+        p_d = jnp.take_along_axis(target_probs[:, :k], proposals[..., None], axis=-1)[..., 0]
+        q_d = jnp.take_along_axis(draft_probs, proposals[..., None], axis=-1)[..., 0]
+        uniform = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32)))(
+            _row_keys(params.seeds[:, None], positions, ACCEPT_SALT))
+        num_accepted = accepted_run(jnp.where((params.temperature <= 0)[:, None], greedy_accept, uniform * q_d < p_d))
+        # The token after the accepted run: at a rejection from the residual max(p - q, 0),
+        # else (every proposal accepted, or none made) from p as `sample` draws it.
+        residual = jnp.maximum(target_probs[rows, num_accepted]
+                               - draft_probs[rows, jnp.minimum(num_accepted, k - 1)], 0.0)
+        # p == q (up to rounding) leaves no residual mass; rejection then had probability ~0.
+        from_residual = (num_accepted < num_proposals) & (jnp.sum(residual, axis=-1) > 0)
+        last_scaled = jnp.where(from_residual[:, None], jnp.log(residual), scaled[rows, num_accepted])
+        return num_accepted, _draw(last_scaled, greedy[rows, num_accepted], params, params.sample_index + num_accepted)
+
+    def greedy_only(_):
+        num_accepted = accepted_run(greedy_accept)
+        return num_accepted, greedy[rows, num_accepted]
+
+    # The distributions over the vocabulary are skipped (at run time) when every row is greedy.
+    num_accepted, last = jax.lax.cond(jnp.any(params.temperature > 0), with_sampling, greedy_only, None)
 
     slot = jnp.arange(k1)[None, :]
     padded = jnp.concatenate([proposals, jnp.zeros((num_rows, 1), jnp.int32)], axis=1)
