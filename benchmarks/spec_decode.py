@@ -248,6 +248,7 @@ def main():
     parser.add_argument("--k", type=int, default=4, help="speculative_length")
     parser.add_argument("--draft-layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--skip-layer-skip", action="store_true", help="stop after the self-draft stage")
     parser.add_argument("--out", default=None)
     parser.add_argument("--name", default="spec_decode")
     args = parser.parse_args()
@@ -321,6 +322,8 @@ def main():
     gc.collect()
 
     # 3. A cheap draft: the speculative step's cost, and the speed-up model.
+    if args.skip_layer_skip:
+        return
     name = f"layer_skip_{args.draft_layers}"
     skip = engine(draft=layer_skip_draft(target, fields, args.draft_layers, dtype, max_model_len))
     result["stages"][name] = costs = spec_step_costs(skip, prefilled(skip, prompt, k), k, decode_ms, args.repeats)
