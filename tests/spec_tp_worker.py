@@ -1,8 +1,8 @@
 """Runs in a subprocess with 2 (fake) CPU devices: greedy tokens of a TP=2 target with
-its draft sharded (draft_model_tp_size=2) and replicated (1). Prints a JSON report.
-With LMIDIST_NUM_PROCESSES=2 in the environment it is one of two processes of a
-jax.distributed run (one device each): the target and its draft sharded over both,
-process 0 schedules and broadcasts each step, process 1 follows.
+its draft replicated (draft_model_tp_size=1). With LMIDIST_NUM_PROCESSES=2 in the
+environment it is one of two processes of a jax.distributed run (one device each): the
+target and its draft sharded over both (draft_model_tp_size=2), process 0 schedules and
+broadcasts each step, process 1 follows. Prints a JSON report.
 
   python spec_tp_worker.py TARGET_DIR DRAFT_DIR PROMPTS_JSON
 """
@@ -21,7 +21,7 @@ OPTIONS = dict(dtype="fp32", max_model_len=128, block_size=4, num_kv_blocks=100,
                max_rolling_batch_prefill_tokens=16, progress=False, tensor_parallel_degree=2,
                speculative_draft_model=DRAFT, speculative_length=3)
 report = {}
-for draft_tp in ((2,) if multihost.is_multiprocess() else (2, 1)):
+for draft_tp in ((2,) if multihost.is_multiprocess() else (1,)):
     llm = LLM(TARGET, draft_model_tp_size=draft_tp, **OPTIONS)
     if llm.is_follower:  # LLM() returned: the leader said stop
         print("FOLLOWER DONE")
