@@ -29,12 +29,12 @@ class LLM:
     def __init__(self, model_id: str | None = None, *, warmup: bool = False, progress: bool = True,
                  **options):
         from .config import config_from_kwargs
-        from .engine.llm_engine import LLMEngine
+        from .engine.factory import build_engine
 
         from .engine import multihost
 
         self.config = config_from_kwargs(model_id, **options)
-        self.engine = LLMEngine.from_config(self.config, warmup=warmup, progress=progress)
+        self.engine = build_engine(self.config, warmup=warmup, progress=progress)
         self._ids = itertools.count()
         self.is_follower = multihost.is_multiprocess() and not multihost.is_leader()
         if self.is_follower:

@@ -246,18 +246,23 @@ def plt_load(ref, offs, mask):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "sliding_window", "soft_cap", "interpret", "backend",
+    static_argnames=("scale", "sliding_window", "soft_cap", "interpret", "backend", "num_seqs",
                      "num_splits", "pages_per_compute_block", "num_warps", "num_stages",
                      "block_h", "combine_block_d"))
 def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            alibi_slopes=None, interpret: bool = False,
-                           backend: str = "triton", num_splits: int | None = None,
+                           backend: str = "triton", num_seqs: int | None = None, num_splits: int | None = None,
                            pages_per_compute_block: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
                            block_h: int | None = None, combine_block_d: int | None = None):
-    """Paged decode attention; see the module docstring. Returns [num_seqs, num_heads,
+    """Paged decode attention; see the module docstring. Returns [num_queries, num_heads,
     head_dim] in q's dtype.
+
+    ``num_seqs`` (static): the sequences of the step when its queries are more (a verify
+    step: each sequence's last token and its draft's proposals, one query each, with
+    their own block_tables / seq_lens rows): the split-K is sized as for a decode of
+    that many sequences, so that each query's result is bit for bit a plain decode's.
 
     Tuning (static): num_splits (split-K programs per sequence; default from
     `default_num_splits`), pages_per_compute_block (pages per inner-loop tile; default
@@ -266,7 +271,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale
     split-K combine kernel).
     """
     check_paged_inputs("paged_decode_attention", backend, q, k_pages, v_pages)
-    num_seqs, num_heads, head_dim = q.shape
+    num_queries, num_heads, head_dim = q.shape
     num_kv_heads, num_blocks, block_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     max_blocks = block_tables.shape[1]
@@ -280,7 +285,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale
         pages_per_compute_block = max(1, (128 if head_dim_p <= 128 else 64) // block_size)
     pages = pages_per_compute_block
     if num_splits is None:
-        num_splits = default_num_splits(num_seqs, num_kv_heads, head_splits, max_blocks, pages)
+        num_splits = default_num_splits(num_seqs or num_queries, num_kv_heads, head_splits, max_blocks, pages)
 
     if num_splits > 1:
         num_splits = _next_pow2(num_splits)  # the combine kernel loads all splits at once
@@ -293,8 +298,8 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale
     hs = head_splits
     kv_size = num_blocks * block_size * head_dim
     in_specs = [
-        pl.BlockSpec((num_seqs,), lambda s, h, p: (0,)),
-        pl.BlockSpec((num_seqs * max_blocks,), lambda s, h, p: (0,)),
+        pl.BlockSpec((num_queries,), lambda s, h, p: (0,)),
+        pl.BlockSpec((num_queries * max_blocks,), lambda s, h, p: (0,)),
         pl.BlockSpec((q_flat.shape[0],), lambda s, h, p: (0,)),
         pl.BlockSpec((None, kv_size), lambda s, h, p: (h // hs, 0)),
         pl.BlockSpec((None, kv_size), lambda s, h, p: (h // hs, 0)),
@@ -310,7 +315,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale
         out_shape = [out_flat]
         out_specs = [pl.BlockSpec((q_flat.shape[0],), lambda s, h, p: (0,))]
     else:
-        part = (num_seqs, num_kv_heads * hs, num_splits, block_h)
+        part = (num_queries, num_kv_heads * hs, num_splits, block_h)
         out_shape = [jax.ShapeDtypeStruct(part + (head_dim_p,), jnp.float32),
                      jax.ShapeDtypeStruct(part, jnp.float32),
                      jax.ShapeDtypeStruct(part, jnp.float32)]
@@ -332,7 +337,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale
         compiler_params = plt.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 2)
     outs = pl.pallas_call(
         kernel,
-        grid=(num_seqs, num_kv_heads * hs, num_splits),
+        grid=(num_queries, num_kv_heads * hs, num_splits),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -348,7 +353,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale
         bd = min(_next_pow2(combine_block_d), head_dim_p)
         o = pl.pallas_call(
             functools.partial(_combine_kernel, block_d=bd, **common),
-            grid=(num_seqs, num_kv_heads * hs, head_dim_p // bd),
+            grid=(num_queries, num_kv_heads * hs, head_dim_p // bd),
             in_specs=[
                 pl.BlockSpec((None, None, num_splits, block_h, bd),
                              lambda s, h, d: (s, h, 0, 0, d)),
@@ -362,4 +367,4 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale
             interpret=interpret,
             name=f"paged_decode_combine_s{num_splits}",
         )(*outs)
-    return o.reshape(num_seqs, num_heads, head_dim)
+    return o.reshape(num_queries, num_heads, head_dim)

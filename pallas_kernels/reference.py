@@ -116,6 +116,7 @@ def paged_attention_reference(
     num_blocks_to_scan=None,
     max_chunk_blocks: int | None = None,
     relative_bias=None,
+    gather_rows: int | None = None,
 ):
     """Attention of each query token over its sequence's paged keys (causal).
 
@@ -126,7 +127,9 @@ def paged_attention_reference(
     caps the blocks gathered per chunk, so that with `num_blocks_to_scan` the keys read
     follow the live context rather than the table width.
     ``relative_bias``: T5's learned bias per (head, relative-position bucket), see
-    :class:`RelativeBias`.
+    :class:`RelativeBias`. ``gather_rows`` (static, optional): the query rows the
+    gather budget is sized for (default: all of them), so that the chunking, and with it
+    the summation order, can follow a batch's sequences rather than its queries.
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -134,7 +137,7 @@ def paged_attention_reference(
     group = num_heads // num_kv_heads
     max_blocks = block_tables.shape[1]
 
-    per_block = num_tokens * block_size * num_kv_heads * head_dim
+    per_block = (gather_rows or num_tokens) * block_size * num_kv_heads * head_dim
     chunk = int(max(1, min(max_blocks, _GATHER_BUDGET // max(per_block, 1))))
     if max_chunk_blocks is not None:
         chunk = min(chunk, int(max_chunk_blocks))

@@ -35,18 +35,21 @@ _PADDING_ONLY, _ONE_SEQUENCE, _MIXED = 0, 1, 2
 
 def paged_decode_attention_xla(q, k_pages, v_pages, block_tables, seq_lens, *, scale: float,
                                sliding_window=None, soft_cap=None, alibi_slopes=None, relative_bias=None,
-                               chunk_blocks: int = DECODE_CHUNK_BLOCKS):
-    """One query per sequence at position seq_lens - 1 (as
+                               num_seqs: int | None = None, chunk_blocks: int = DECODE_CHUNK_BLOCKS):
+    """One query per row at position seq_lens - 1 (as
     :func:`reference.paged_decode_attention_reference`); keys are read in chunks of
-    ``chunk_blocks`` blocks up to the longest live sequence only."""
+    ``chunk_blocks`` blocks up to the longest live sequence only. ``num_seqs``: the
+    sequences of the step when its queries are more (a verify step's k+1 each): chunks
+    are sized as for a decode of that many, so each query's result is bit for bit a
+    plain decode's."""
     block_size = k_pages.shape[2]
-    num_seqs = q.shape[0]
+    num_queries = q.shape[0]
     return paged_attention_reference(
         q, k_pages, v_pages, block_tables,
-        token_seq_ids=jnp.arange(num_seqs, dtype=jnp.int32), positions=seq_lens - 1,
+        token_seq_ids=jnp.arange(num_queries, dtype=jnp.int32), positions=seq_lens - 1,
         scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, alibi_slopes=alibi_slopes,
         relative_bias=relative_bias, num_blocks_to_scan=(jnp.max(seq_lens) + block_size - 1) // block_size,
-        max_chunk_blocks=chunk_blocks)
+        max_chunk_blocks=chunk_blocks, gather_rows=num_seqs)
 
 
 def paged_attention_xla(q, k_pages, v_pages, block_tables, token_seq_ids, positions, *,

@@ -1,7 +1,9 @@
 """Speculative decoding with a draft model: greedy outputs token-identical to the target
 alone (mixed prompt lengths, chunked prefill, preemption, prefix caching), the rejection
-sampler keeps the target's distribution, self-drafting accepts everything, records,
-stops inside an accepted run, no leaked blocks, start-up refusals."""
+sampler keeps the target's distribution, self-drafting accepts everything, verify rows
+compute exactly what plain decode steps compute, records, stops inside an accepted run,
+no leaked blocks, LoRA adapters and a GPTQ draft, compiled steps from the executable
+cache, start-up refusals."""
 
 import json
 import logging
@@ -14,8 +16,8 @@ import pytest
 from scipy import stats
 
 from lmidist_jax import LLM, SamplingParams
-from lmidist_jax.engine.sampler import SamplingBatch
-from lmidist_jax.engine.spec_decode import DraftModelError, verify, write_layer_skip_draft
+from lmidist_jax.engine.sampler import SamplingBatch, rejection_sample
+from lmidist_jax.engine.spec_decode import DraftModelError, write_layer_skip_draft
 from tiny_models import make_model
 
 VOCAB = 32  # small, so that sampled distributions can be compared with few samples
@@ -91,13 +93,13 @@ def test_rejection_sampler_keeps_target_distribution():
         repetition_penalty=jnp.ones(rows, jnp.float32), presence_penalty=jnp.zeros(rows, jnp.float32),
         frequency_penalty=jnp.zeros(rows, jnp.float32), seeds=jnp.arange(rows, dtype=jnp.uint32),
         sample_index=jnp.zeros(rows, jnp.int32), top_n=jnp.zeros(rows, jnp.int32))
-    out = jax.jit(verify, static_argnums=8)(
+    out = jax.jit(rejection_sample, static_argnums=8)(
         jnp.broadcast_to(jnp.asarray(target_logits, jnp.float32), (rows, k + 1, vocab)),
         jnp.asarray(proposals, jnp.int32),
         jnp.broadcast_to(jnp.asarray(draft_probs, jnp.float32), (rows, k, vocab)),
         jnp.full(rows, k, jnp.int32), jnp.zeros((1, vocab), bool), jnp.zeros((1, vocab), jnp.int32),
         jnp.zeros(rows, jnp.int32), params, 0)
-    tokens, accepted = np.asarray(out.token_ids), np.asarray(out.num_accepted)
+    tokens, accepted = np.asarray(out.token_ids), np.asarray(out.num_tokens) - 1
     p = np.exp(target_logits / 0.7)
     p /= p.sum(-1, keepdims=True)
     first = np.bincount(tokens[:, 0], minlength=vocab)
@@ -119,7 +121,7 @@ def test_greedy_identical_with_weaker_draft_chunking_preemption_prefix_cache(ski
     assert engine.stats.num_preemptions > 0  # the small pool preempted and recomputed
     spec = engine.spec_stats
     assert 0 < spec.num_accepted_tokens < spec.num_proposed_tokens  # a weaker draft: some rejections
-    assert not engine.spec_runner.lazily_compiled  # warmed up: no step compiled on first use
+    assert not engine.runner.lazily_compiled  # warmed up: no step compiled on first use
     assert_no_leaks(skip_llm)
     # A prompt again, its blocks now in the prefix cache: a hit, the same tokens.
     i = int(np.argmax([len(p) for p in mixed_prompts()]))
@@ -149,6 +151,56 @@ def test_self_draft_accepts_everything_and_records(self_llm, reference_outputs, 
     alone = self_llm.generate([mixed_prompts()[3]], GREEDY, use_tqdm=False)[0]
     assert alone.token_ids == reference_outputs[3] and alone.spec_decode["acceptance_history_len"] == 2
     assert_no_leaks(self_llm)
+
+
+def test_verify_rows_compute_exactly_what_decode_steps_compute(self_llm, reference):
+    """A lone request: the plain engine decodes one token per step (the decode kernel over
+    one query), the speculative one verifies 4 proposals per step (the decode kernel over
+    5 queries of the sequence, beside 11 padding tokens). Same attention path and tiling:
+    the target's log-probabilities are equal bit for bit, not only close (the mixed-batch
+    path the verify rows took before differed in the last bits)."""
+    params = SamplingParams(max_new_tokens=14, ignore_eos=True, logprobs=True)
+    prompt = mixed_prompts()[1]
+    ours = self_llm.generate([prompt], params, use_tqdm=False)[0]
+    ref = reference.generate([prompt], params, use_tqdm=False)[0]
+    assert ours.token_ids == ref.token_ids and ours.spec_decode["acceptance_history_len"] >= 2
+    assert [e.logprob for e in ours.outputs[0].logprobs] == [e.logprob for e in ref.outputs[0].logprobs]
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton"])
+def test_verify_queries_attend_exactly_as_decode_queries(backend):
+    """Attention of a verify row (a sequence's last token and its 4 proposals, each a
+    decode query over the keys up to its position) equals, bit for bit, the decode step
+    of each position on its own: the XLA path the CPU runs, and the Pallas decode kernel
+    (interpret mode), whose split-K is sized by the step's sequences, not its queries
+    (16 queries would otherwise get 32 splits, one sequence 64)."""
+    from pallas_kernels import paged_decode_attention
+    from lmidist_jax.models.attention import paged_attention
+    from lmidist_jax.models.step_metadata import StepMetadataBuilder
+
+    rng = np.random.default_rng(0)
+    block_size, max_blocks, kv_heads, heads, head_dim, context, k = 4, 64, 2, 4, 16, 150, 4
+    blocks = rng.permutation(np.arange(1, max_blocks + 1))[:-(-context // block_size)]
+    k_pages, v_pages = (jnp.asarray(rng.normal(size=(kv_heads, max_blocks + 1, block_size, head_dim)), jnp.float32)
+                        for _ in range(2))
+    q = jnp.asarray(rng.normal(size=(16, heads, head_dim)), jnp.float32)
+    start = context - k - 1
+
+    def attend(md, q):
+        if backend == "xla":
+            return paged_attention(q, k_pages, v_pages, md, mesh=None, scale=0.25)
+        tables, lens = md.decode_queries(block_size)
+        return paged_decode_attention(q, k_pages, v_pages, tables, lens, scale=0.25, num_seqs=md.block_tables.shape[0],
+                                      pages_per_compute_block=1, interpret=True)
+
+    verify = StepMetadataBuilder(16, 4, max_blocks, block_size)
+    verify.add_sequence(0, blocks, start, k + 1, num_proposals=k)
+    got = np.asarray(attend(verify.build(decode_only=True, backend=backend), q))[:k + 1]
+    for j in range(k + 1):
+        decode = StepMetadataBuilder(1, 1, max_blocks, block_size)
+        decode.add_sequence(0, blocks, start + j, 1)
+        want = np.asarray(attend(decode.build(decode_only=True, backend=backend), q[j:j + 1]))[0]
+        np.testing.assert_array_equal(got[j], want)
 
 
 def test_stops_inside_an_accepted_run_and_length_limits(self_llm, reference, reference_outputs):
@@ -231,13 +283,13 @@ def random_draft(skip_llm, tmp_path_factory):
     """An unrelated 1-layer model of the same vocabulary (and layout as the layer-skip draft)."""
     import dataclasses
 
-    from lmidist_jax.engine.spec_decode import load_draft_model
+    from lmidist_jax.engine.factory import load_draft
 
     directory = tmp_path_factory.mktemp("random_draft")
     make_model(directory, "llama", seed=7, vocab_size=VOCAB, num_hidden_layers=1, num_key_value_heads=2)
     config = dataclasses.replace(skip_llm.config, speculative_draft_model=str(directory))
     engine = skip_llm.engine
-    return load_draft_model(config, engine.runner.model, engine.tokenizer, max_model_len=engine.max_model_len)
+    return load_draft(config, engine.runner.model, engine.tokenizer, max_model_len=engine.max_model_len)
 
 
 def test_sampled_tokens_follow_the_target_distribution(skip_llm, reference, random_draft):
@@ -250,7 +302,7 @@ def test_sampled_tokens_follow_the_target_distribution(skip_llm, reference, rand
     params = [SamplingParams(max_new_tokens=3, ignore_eos=True, temperature=0.3, top_k=20, seed=s)
               for s in range(600)]
     prompt = [5, 9, 17, 4]
-    runner = skip_llm.engine.spec_runner
+    runner = skip_llm.engine.runner
     layer_skip, runner.draft = runner.draft, random_draft
     try:
         ours = np.array([o.token_ids for o in skip_llm.generate([prompt] * 600, params, use_tqdm=False)])
@@ -273,6 +325,113 @@ def test_sampled_tokens_follow_the_target_distribution(skip_llm, reference, rand
     assert_no_leaks(skip_llm)
 
 
+# -- LoRA adapters, a quantized draft -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_llms(dirs, tmp_path_factory):
+    """The target with LoRA (two PEFT adapters a1, a2) and prefix caching: alone, and with
+    the layer-skip draft (which runs the base model)."""
+    import transformers
+    from test_lora import save_adapter
+
+    root = tmp_path_factory.mktemp("spec_lora")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dirs[0])
+    save_adapter(hf, root / "a1", 8, 8, ["q_proj", "v_proj", "down_proj"], seed=10, extra={})
+    save_adapter(hf, root / "a2", 4, 8, ["k_proj", "o_proj", "up_proj"], seed=20, extra={})
+    options = {**OPTIONS, "enable_lora": True, "max_loras": 2, "max_lora_rank": 8, "enable_prefix_caching": True}
+    llms = []
+    for draft in ({}, {"speculative_draft_model": dirs[1], "speculative_length": 3}):
+        llm = LLM(dirs[0], **options, **draft)
+        for name in ("a1", "a2"):
+            llm.add_adapter(name, str(root / name))
+        llms.append(llm)
+    return llms
+
+
+def test_lora_adapters_with_a_draft_and_prefix_caching(lora_llms):
+    """LoRA with a draft (lmi-dist refused the pair): the target applies each request's
+    adapter, the draft proposes with the base model. A batch mixing two adapters and the
+    base model gives every request the greedy tokens of the target with its adapter
+    alone. With prefix caching, full blocks are published under each request's adapter
+    key, so a prompt cached under one adapter serves only that adapter (the speculative
+    engine's own copy of the update rule published them without the key, and the base
+    model then reused an adapter's KV)."""
+    alone, drafted = lora_llms
+    prompts, adapters = mixed_prompts()[:4], [None, "a1", "a2", "a1"]
+    expected = [o.token_ids for o in alone.generate(prompts, GREEDY, use_tqdm=False, adapters=adapters)]
+    base = [o.token_ids for o in alone.generate(prompts, GREEDY, use_tqdm=False)]
+    assert all(e != b for e, b, a in zip(expected, base, adapters) if a)  # each adapter matters
+    assert [o.token_ids for o in drafted.generate(prompts, GREEDY, use_tqdm=False, adapters=adapters)] == expected
+    spec = drafted.engine.spec_stats
+    assert 0 < spec.num_accepted_tokens < spec.num_proposed_tokens
+
+    prompt = list(map(int, np.random.default_rng(7).integers(3, VOCAB, 30)))  # 7 full blocks of 4 + 2
+    engine, computed = drafted.engine, []
+    for adapter in ("a1", None, "a1", "a2", None):
+        before = engine.stats.num_computed_prompt_tokens
+        out = drafted.generate([prompt], GREEDY, use_tqdm=False, adapters=[adapter])[0]
+        assert out.token_ids == alone.generate([prompt], GREEDY, use_tqdm=False, adapters=[adapter])[0].token_ids
+        computed.append(engine.stats.num_computed_prompt_tokens - before)
+    assert computed == [30, 30, 2, 30, 2], computed
+    uid = engine.lora.registry["a1"].uid
+    cached = engine.block_manager._hash_to_block
+    assert all(h in cached for h in engine.block_manager.block_hashes(prompt, 4, 7, extra_key=uid))
+    assert_no_leaks(drafted)
+
+
+def test_gptq_draft_for_a_dense_target(tmp_path):
+    """A 4-bit GPTQ checkpoint of the target as its draft (a real use: a quantized draft
+    for a bf16 target), loaded by the factory's loader as a GPTQ model: the target's
+    greedy tokens, its proposals mostly accepted."""
+    from quant_formats import make_quantized
+    from tiny_models import hf_greedy
+
+    sizes = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_hidden_layers=1,
+                 vocab_size=VOCAB)
+    target = make_model(tmp_path / "target", "llama", **sizes)
+    make_quantized(tmp_path / "draft", "llama", "gptq", group_size=64, **sizes)
+    llm = LLM(str(tmp_path / "target"), **{**OPTIONS, "speculative_draft_model": str(tmp_path / "draft"),
+                                           "speculative_length": 3})
+    assert llm.engine.runner.draft.spec.linear_kind.startswith("gptq")
+    prompts = mixed_prompts()[:4]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [hf_greedy(target, p, GREEDY.max_new_tokens) for p in prompts]
+    spec = llm.engine.spec_stats
+    assert spec.num_accepted_tokens > 0.5 * spec.num_proposed_tokens > 0
+
+
+# A fresh process with a draft: its tokens and how it got its compiled steps.
+CACHED_CHILD = """
+import json, sys
+from lmidist_jax import LLM, SamplingParams
+llm = LLM(sys.argv[1], compilation_cache_dir=sys.argv[2], **json.loads(sys.argv[3]))
+out = llm.generate([[5, 9, 17, 4, 22]], SamplingParams(max_new_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+runner = llm.engine.runner
+print(json.dumps({"tokens": out.token_ids, "traces": runner.num_step_traces, "hits": runner.executable_cache.hits,
+                  "accepted": llm.engine.spec_stats.num_accepted_tokens}))
+"""
+
+
+def test_second_process_loads_the_speculative_steps_from_the_executable_cache(dirs, reference, tmp_path):
+    """The speculative step is the runner's one step: it goes through the executable
+    cache like any other. The first process traces and stores its two buckets (the
+    prefill and the verify step), the second loads them and traces nothing."""
+    import os
+    import subprocess
+    import sys
+
+    options = json.dumps({**OPTIONS, "speculative_draft_model": dirs[0], "speculative_length": 3})
+    runs = [json.loads(subprocess.run([sys.executable, "-c", CACHED_CHILD, dirs[0], str(tmp_path), options],
+                                      capture_output=True, text=True, check=True,
+                                      cwd=os.path.dirname(__file__)).stdout.strip().splitlines()[-1])
+            for _ in range(2)]
+    expected = reference.generate([[5, 9, 17, 4, 22]], SamplingParams(max_new_tokens=8, ignore_eos=True),
+                                  use_tqdm=False)[0].token_ids
+    assert runs[0]["traces"] == 2 and runs[0]["hits"] == 0 and runs[0]["accepted"] > 0
+    assert runs[1] == dict(runs[0], traces=0, hits=2) and runs[1]["tokens"] == expected
+
+
 # -- start-up refusals ------------------------------------------------------------------
 
 
@@ -284,9 +443,10 @@ def test_draft_with_another_vocabulary_is_refused(dirs, tmp_path):
 
 def test_invalid_combinations_are_refused(dirs):
     from lmidist_jax.config import ConfigError
+    from lmidist_jax.engine.factory import EngineConfigError
 
-    with pytest.raises(ConfigError, match="Cannot enable lora and speculative decoding at the same time"):
-        LLM(dirs[0], **{**OPTIONS, "speculative_draft_model": dirs[1], "enable_lora": True})
+    with pytest.raises(EngineConfigError, match=r"max_rolling_batch_prefill_tokens=4 cannot hold one verify row"):
+        LLM(dirs[0], **{**OPTIONS, "speculative_draft_model": dirs[1], "max_rolling_batch_prefill_tokens": 4})
     with pytest.raises(ConfigError, match=r"draft_model_tp_size=2 is not valid: accepted 1 or tensor_parallel"):
         LLM(dirs[0], **{**OPTIONS, "speculative_draft_model": dirs[1], "draft_model_tp_size": 2})
     with pytest.raises(ConfigError, match=r"decode_steps=4 with option.speculative_draft_model"):
@@ -297,21 +457,34 @@ def test_invalid_combinations_are_refused(dirs):
 
 
 def test_tensor_parallel_target_with_sharded_and_replicated_draft(dirs, reference_outputs):
-    """TP=2 on 2 fake CPU devices: draft_model_tp_size=2 shards the draft's cache by KV
-    heads as the target's; 1 keeps the draft whole on both devices. Same greedy tokens."""
+    """TP=2 over two processes of one CPU device each (jax.distributed: the speculative
+    step goes through the multi-host broadcast like any step), the draft sharded like the
+    target (draft_model_tp_size=2: its cache split by KV heads as the target's); and TP=2
+    on 2 devices of one process with the draft whole on both (1). Same greedy tokens."""
     import os
+    import socket
     import subprocess
     import sys
 
     worker = os.path.join(os.path.dirname(__file__), "spec_tp_worker.py")
-    prompts = mixed_prompts()[:4]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, worker, dirs[0], dirs[1], json.dumps(prompts)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    args = [sys.executable, worker, dirs[0], dirs[1], json.dumps(mixed_prompts()[:4])]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    hosts = [subprocess.Popen(args, env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                                             LMIDIST_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                             LMIDIST_NUM_PROCESSES="2", LMIDIST_PROCESS_ID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    (leader_out, leader_err), (follower_out, follower_err) = (p.communicate(timeout=600) for p in hosts)
+    assert hosts[0].returncode == 0, leader_err[-3000:]
+    assert hosts[1].returncode == 0 and "FOLLOWER DONE" in follower_out, follower_err[-3000:]
+    one = subprocess.run(args, env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    reports = {**json.loads(leader_out.strip().splitlines()[-1]), **json.loads(one.stdout.strip().splitlines()[-1])}
     for draft_tp, expected_kv in (("2", "P('tp', None, None, None)"), ("1", "P()")):
-        r = report[draft_tp]
+        r = reports[draft_tp]
         assert r["tokens"] == reference_outputs[:4], draft_tp
         assert r["accepted"] > 0 and r["draft_devices"] == 2 and r["draft_kv"] == expected_kv
         assert r["target_kv"] == "P('tp', None, None, None)"

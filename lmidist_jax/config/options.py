@@ -530,11 +530,6 @@ def _check_combinations(values: dict[str, Any], given: set[str], num_devices: in
                 raise ConfigError(f"option.{name}={values[name]} is not valid without option.enable_lora=true: "
                                   f"accepted only together with enable_lora=true")
     else:
-        if values["speculative_draft_model"]:
-            raise ConfigError(
-                f"Cannot enable lora and speculative decoding at the same time: option.enable_lora=true with "
-                f"option.speculative_draft_model={values['speculative_draft_model']} is not valid (as in "
-                f"lmi-dist); accepted one of the two")
         max_cpu = values["max_cpu_loras"]
         if max_cpu is not None and max_cpu < values["max_loras"]:
             raise ConfigError(f"option.max_cpu_loras={max_cpu} is not valid: accepted an integer >= "

@@ -1,8 +1,10 @@
-"""Builds an LLMEngine from an EngineConfig: resolve and load the model, size the KV
-cache, compile the step buckets."""
+"""Builds an LLMEngine from an EngineConfig: resolve and load the model (and a draft
+model for speculative decoding, through the same loader), size the KV cache, compile
+the step buckets."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -15,6 +17,7 @@ from ..models.loader import load_model
 from ..models.families import spec_from_hf_config
 from .llm_engine import LLMEngine
 from .model_runner import ModelRunner, kv_cache_bytes_per_block
+from .spec_decode import check_draft_compatible
 
 logger = logging.getLogger("lmidist_jax")
 
@@ -75,8 +78,7 @@ def load_tokenizer(model_dir):
 
 def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEngine:
     from converters.checkpoint import load_config, parse_dtype
-    from converters import orbax_cache
-    from ..models import converted_cache, quantized
+    from ..models import converted_cache
     from ..model_store import DEFAULT_MODEL, resolve_model
 
     start = time.perf_counter()
@@ -85,24 +87,15 @@ def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEn
     hf_config = load_config(model_dir)
     spec = spec_from_hf_config(hf_config)
     check_encoder_decoder_options(spec, config)
-    # AWQ / GPTQ / SqueezeLLM: detected from the checkpoint (or checked against option.quantize);
-    # the spec then names the registered quantized linear kind.
-    spec, quantization = quantized.configure(spec, model_dir, hf_config, getattr(config, "quantize", None),
-                                             config.tensor_parallel_degree)
     dtype = jnp.dtype(parse_dtype(config.dtype, hf_config))
-
     max_model_len = config.max_model_len or spec.max_model_len
     if max_model_len > spec.max_model_len:
         raise EngineConfigError(
             f"max_model_len={max_model_len} exceeds the model's limit of {spec.max_model_len} tokens "
             f"(max_position_embeddings with rope scaling)")
-    mesh = parallel.make_mesh(config.tensor_parallel_degree)
-    if orbax_cache.is_converted_dir(model_dir):
-        model = converted_cache.load_converted(spec, model_dir, dtype=dtype, mesh=mesh, max_model_len=max_model_len)
-    else:
-        tensors = quantized.checkpoint_tensors(model_dir, config.load_format, quantization, progress=progress)
-        model = load_model(spec, quantized.map_checkpoint(spec, tensors, quantization), dtype=dtype, mesh=mesh,
-                           max_model_len=max_model_len)
+    model = load_weights(model_dir, hf_config, spec, quantize=getattr(config, "quantize", None), dtype=dtype,
+                         mesh=parallel.make_mesh(config.tensor_parallel_degree), max_model_len=max_model_len,
+                         load_format=config.load_format, progress=progress)
     load_time = time.perf_counter() - start
     save_dir = getattr(config, "save_converted", None)
     if save_dir:
@@ -111,9 +104,7 @@ def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEn
     tokenizer = load_tokenizer(model_dir)
     draft = None
     if getattr(config, "speculative_draft_model", None):
-        from .spec_decode import load_draft_model
-
-        draft = load_draft_model(config, model, tokenizer, max_model_len=max_model_len, progress=progress)
+        draft = load_draft(config, model, tokenizer, max_model_len=max_model_len, progress=progress)
     engine = engine_for_model(model, tokenizer, config, max_model_len=max_model_len,
                               warmup=warmup, progress=progress, draft=draft)
     if getattr(config, "enable_lora", False):
@@ -125,10 +116,70 @@ def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEn
     return engine
 
 
+def load_weights(model_dir, hf_config: dict, spec, *, quantize: str | None, dtype, mesh, max_model_len: int,
+                 load_format: str, progress: bool = True):
+    """The model in ``model_dir`` placed on ``mesh``: a converted cache as it was saved,
+    else its checkpoint, dense or quantized (AWQ / GPTQ / SqueezeLLM: detected from the
+    checkpoint, or checked against the ``quantize`` option; the spec then names the
+    registered quantized linear kind)."""
+    from converters import orbax_cache
+    from ..models import converted_cache, quantized
+
+    spec, quantization = quantized.configure(spec, model_dir, hf_config, quantize, mesh.shape[parallel.TP_AXIS])
+    if orbax_cache.is_converted_dir(model_dir):
+        return converted_cache.load_converted(spec, model_dir, dtype=dtype, mesh=mesh, max_model_len=max_model_len)
+    tensors = quantized.checkpoint_tensors(model_dir, load_format, quantization, progress=progress)
+    return load_model(spec, quantized.map_checkpoint(spec, tensors, quantization), dtype=dtype, mesh=mesh,
+                      max_model_len=max_model_len)
+
+
+def load_draft(config, target, target_tokenizer, *, max_model_len: int, progress: bool = True):
+    """``speculative_draft_model`` loaded like the target (a directory, a known name, an HF
+    id in the local cache; a converted cache, a dense or a quantized checkpoint), in the
+    target's dtype.
+
+    Placement: ``draft_model_tp_size`` = the target's TP degree shards the draft on the
+    target's mesh; 1 (the default) keeps it whole and replicates it on every device of
+    the target's mesh, so each device runs the whole draft next to its target shard (no
+    collectives in the proposal loop; the draft costs its size once per device)."""
+    from converters.checkpoint import load_config
+
+    from ..model_store import resolve_model
+    from . import multihost
+
+    if config.max_rolling_batch_prefill_tokens is not None and \
+            config.max_rolling_batch_prefill_tokens < config.speculative_length + 1:
+        raise EngineConfigError(
+            f"max_rolling_batch_prefill_tokens={config.max_rolling_batch_prefill_tokens} cannot hold one verify "
+            f"row of speculative_length + 1 = {config.speculative_length + 1} tokens: accepted at least that many")
+    draft_dir = resolve_model(config.speculative_draft_model)
+    hf_config = load_config(draft_dir)
+    spec = spec_from_hf_config(hf_config)
+    check_draft_compatible(target.spec, spec, target_tokenizer, load_tokenizer(draft_dir), max_model_len)
+    tp = target.mesh.shape[parallel.TP_AXIS]
+    whole = config.draft_model_tp_size != tp
+    if whole and multihost.is_multiprocess():
+        # A whole draft is loaded on one device, then copied to the others: one process
+        # cannot read another's device.
+        raise EngineConfigError(
+            f"draft_model_tp_size={config.draft_model_tp_size} (the draft whole on every device) is not supported "
+            f"with several processes (jax.distributed) yet: accepted draft_model_tp_size={tp} (sharded like the "
+            f"target)")
+    mesh = parallel.make_mesh(1, target.mesh.devices.flat) if whole else target.mesh
+    draft = load_weights(draft_dir, hf_config, spec, quantize=None, dtype=target.dtype, mesh=mesh,
+                         max_model_len=max_model_len, load_format=config.load_format, progress=progress)
+    if whole:
+        # Whole on every device of the target's mesh, so one jitted step holds both
+        # (``mesh`` stays the draft's own one-device mesh: its layers run unsharded).
+        draft = dataclasses.replace(draft, state=jax.device_put(draft.state, parallel.replicated(target.mesh)))
+    logger.info("draft model %s loaded (%d layers, TP %d)", draft_dir, spec.num_layers, config.draft_model_tp_size)
+    return draft
+
+
 def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bool = True,
                      progress: bool = True, draft=None) -> LLMEngine:
     """Sizes the KV cache for an already-loaded model, compiles, and returns the engine.
-    ``draft``: a loaded draft model for speculative decoding (engine/spec_decode.py)."""
+    ``draft``: a loaded draft model for speculative decoding (a stage of the step)."""
     configure_compilation_cache(config.compilation_cache_dir)
     check_encoder_decoder_options(model.spec, config, draft)
     if getattr(config, "enable_lora", False):
@@ -165,27 +216,13 @@ def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bo
                          backend=backend, max_logprobs=config.max_logprobs,
                          enforce_eager=config.enforce_eager,
                          decode_steps=resolve_decode_steps(getattr(config, "decode_steps", "auto"), spec,
-                                                           has_draft=draft is not None))
+                                                           has_draft=draft is not None),
+                         draft=draft, num_speculative_tokens=config.speculative_length)
     if getattr(config, "enable_lora", False):
         from .lora_manager import LoraManager
 
         runner.lora = LoraManager(model, max_loras=config.max_loras, max_rank=config.max_lora_rank,
                                   max_cpu_loras=config.max_cpu_loras)
-    if draft is not None:
-        from .spec_decode import SpecDecodeEngine
-
-        engine = SpecDecodeEngine(
-            runner, draft, tokenizer, speculative_length=config.speculative_length,
-            record_acceptance_rate=config.record_acceptance_rate, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=config.enable_prefix_caching, max_logprobs=config.max_logprobs,
-            eos_token_ids=spec.eos_token_ids, seed=config.seed)
-        if warmup:  # the speculative step replaces the plain one: only its buckets are compiled
-            t = time.perf_counter()
-            engine.spec_runner.warmup(progress=progress)
-            logger.info("compiled %d speculative step buckets in %.1f s", engine.spec_runner.num_compiled_steps,
-                        time.perf_counter() - t)
-        return engine
     if warmup:
         t = time.perf_counter()
         runner.warmup(progress=progress)
@@ -194,7 +231,7 @@ def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bo
                      max_num_batched_tokens=max_num_batched_tokens,
                      enable_prefix_caching=config.enable_prefix_caching,
                      max_logprobs=config.max_logprobs, eos_token_ids=spec.eos_token_ids,
-                     seed=config.seed)
+                     seed=config.seed, record_acceptance_rate=config.record_acceptance_rate)
 
 
 def check_encoder_decoder_options(spec, config, draft=None) -> None:
@@ -311,17 +348,12 @@ def _activation_peak_bytes(model, config, max_model_len, max_num_seqs, max_num_b
                         num_blocks=math.ceil(max_model_len / config.block_size) + 1,
                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         max_model_len=max_model_len, backend=_attention_backend(config.attention_backend, model.spec),
-                        max_logprobs=config.max_logprobs)
+                        max_logprobs=config.max_logprobs, draft=draft, num_speculative_tokens=config.speculative_length)
     peak = 0
-    for T, S, decode_only in (probe.warmup_shapes()[-1], (probe.seq_buckets[-1],) * 2 + (True,)):
-        batch = probe.dummy_batch(T, S, decode_only)
-        compiled = probe._step.lower(*probe._args(batch, 1)).compile()
+    for shape in probe.largest_shapes():
+        compiled = probe._step.lower(*probe._args(probe.dummy_batch(*shape), 1)).compile()
         analysis = compiled.memory_analysis()
         if analysis is not None:
             peak = max(peak, int(analysis.temp_size_in_bytes))
-    if draft is not None:  # the speculative step replaces the plain one (and holds the draft's q rows)
-        from .spec_decode import spec_step_temp_bytes
-
-        peak = max(peak, spec_step_temp_bytes(probe, draft, config.speculative_length))
     del probe
     return peak

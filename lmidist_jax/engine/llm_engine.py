@@ -18,6 +18,7 @@ from .detokenizer import Detokenizer, find_stop, streamable_length
 from .model_runner import ModelRunner
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Request, Sequence, SequenceStatus
+from .spec_decode import SpeculativeDecoding
 
 logger = logging.getLogger("lmidist_jax")
 
@@ -37,7 +38,8 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer, *, max_model_len: int, max_num_seqs: int,
                  max_num_batched_tokens: int, enable_prefix_caching: bool = False,
-                 max_logprobs: int = 20, eos_token_ids: Seq[int] = (), seed: int = 0):
+                 max_logprobs: int = 20, eos_token_ids: Seq[int] = (), seed: int = 0,
+                 record_acceptance_rate: bool = False):
         self.runner = runner
         self.spec = runner.spec
         self.tokenizer = tokenizer
@@ -52,19 +54,20 @@ class LLMEngine:
                                    max_loras=self.lora.max_loras if self.lora is not None else None)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
+        # With a draft model: proposal lengths and acceptance records (the runner's step
+        # proposes and verifies, the scheduler reserves and rolls back).
+        self.speculative = (SpeculativeDecoding(runner.num_speculative_tokens, record_acceptance_rate)
+                            if runner.draft is not None else None)
         self._finished_outputs: list[RequestOutput] = []
         self._rng = random.Random(seed)
         self._token_texts: dict[int, str] = {}
         self._max_token_chars: int | None = None
         self._next_seq_id = 0
 
-    # -- construction --------------------------------------------------------------
-
-    @classmethod
-    def from_config(cls, config, *, warmup: bool = True, progress: bool = True) -> "LLMEngine":
-        from .factory import build_engine
-
-        return build_engine(config, warmup=warmup, progress=progress)
+    @property
+    def spec_stats(self):
+        """Proposed / accepted token counts with a draft model (None without)."""
+        return None if self.speculative is None else self.speculative.stats
 
     # -- requests ------------------------------------------------------------------
 
@@ -233,6 +236,8 @@ class LLMEngine:
         if request is None:
             return False
         request.aborted = True
+        if self.speculative is not None:
+            self.speculative.forget(request_id)
         for seq in request.sequences:
             if not seq.is_finished:
                 self._finish(seq, "abort")
@@ -263,23 +268,26 @@ class LLMEngine:
         if not sched.scheduled:
             return outputs
         t1 = time.perf_counter()
-        samples = [item.samples for item in sched.scheduled]
         for item in sched.scheduled:
             seq = item.seq
             prompt_end = max(0, min(seq.num_prompt_tokens, seq.num_computed_tokens + item.num_new_tokens)
                              - seq.num_computed_tokens)
             self.stats.num_computed_prompt_tokens += prompt_end
         num_steps = self.runner.decode_steps
-        if not self.scheduler.reserve_decode_steps(sched, num_steps, self.max_model_len):
+        if self.speculative is not None:
+            self.scheduler.reserve_spec_tokens(sched, self.speculative.proposal_lengths(sched, self.max_model_len))
+        elif not self.scheduler.reserve_decode_steps(sched, num_steps, self.max_model_len):
             num_steps = 1
         result = self.runner.execute(sched, num_steps)
         for i, lps in result.prompt_logprobs:  # before after_step advances num_computed_tokens
             seq = sched.scheduled[i].seq
             start = seq.num_computed_tokens + 1
             seq.request.prompt_logprobs[start:start + len(lps)] = lps.tolist()
-        self.scheduler.after_step(sched, num_steps)
+        self.scheduler.after_step(sched, result.num_tokens)
+        if self.speculative is not None:
+            self.speculative.record(sched, result.num_tokens)
         t2 = time.perf_counter()
-        outputs.extend(self._postprocess(sched, result, samples, num_steps))
+        outputs.extend(self._postprocess(sched, result))
         t3 = time.perf_counter()
         self._record_step(t1 - t0, result, t3 - t2)
         return outputs
@@ -294,27 +302,29 @@ class LLMEngine:
         st.device_time += result.device_time
         st.postprocess_time += postprocess_time
 
-    def _postprocess(self, sched: SchedulerOutput, result, samples, num_steps: int) -> list[RequestOutput]:
+    def _postprocess(self, sched: SchedulerOutput, result) -> list[RequestOutput]:
         now = time.monotonic()
         new_tokens: dict[str, dict[int, list]] = {}
-        step_results = zip(result.token_ids, result.logprobs, result.top_ids, result.top_logprobs)
-        for token_ids, logprobs, top_ids, top_logprobs in step_results:
-            for i, item in enumerate(sched.scheduled):
-                seq = item.seq
-                if not samples[i] or seq.is_finished:
-                    continue  # a partial prefill chunk, or tokens past a stop
-                self._append_token(seq, int(token_ids[i]), float(logprobs[i]), top_ids[i], top_logprobs[i],
-                                   now, new_tokens)
+        for i, item in enumerate(sched.scheduled):
+            seq = item.seq
+            for j in range(int(result.num_tokens[i])):  # 0 for a prompt chunk that samples nothing
+                if seq.is_finished:
+                    break  # tokens past a stop inside a multi-token step are dropped
+                self._append_token(seq, int(result.token_ids[i, j]), float(result.logprobs[i, j]),
+                                   result.top_ids[i, j], result.top_logprobs[i, j], now, new_tokens)
 
         outputs = []
         for request_id, per_seq in new_tokens.items():
             request = self.requests.get(request_id)
             if request is None:
                 continue
-            outputs.append(self._request_output(request, per_seq))
+            out = self._request_output(request, per_seq)
             if request.is_finished:
                 request.finish_time = now
                 del self.requests[request_id]
+                if self.speculative is not None:
+                    out.spec_decode = self.speculative.finish(request)
+            outputs.append(out)
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top_ids, top_logprobs, now: float,

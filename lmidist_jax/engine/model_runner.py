@@ -1,10 +1,21 @@
 """Runs one scheduler step on the device: packs a fixed-shape batch, calls ONE
 jitted step (model + sampling) with the KV cache donated, returns sampled tokens.
 
+With a draft model (speculative decoding) the same step has one more stage: the draft
+proposes each decode row's spec tokens (a ``fori_loop`` of its decode steps), the
+proposals take their places in the batch, the target runs it (verify rows beside other
+rows' prefill chunks), the draft runs the same tokens (its paged cache uses the target's
+block ids, so it always holds the positions the target's holds), and the rejection
+sampler (engine/sampler.py) accepts a prefix of each row's proposals. Each row of the
+output carries the tokens it emits: one for a plain row, accepted proposals + 1 for a
+verify row, ``num_steps`` for a multi-step decode row.
+
 Shapes are bucketed so that every step after warm-up reuses a compiled graph
 ("CUDA graphs" in JAX):
   * decode steps (every sequence has one new token): S = T = a sequence bucket;
-  * mixed / prefill steps: T = a token bucket, S = min(T, largest sequence bucket).
+  * mixed / prefill steps: T = a token bucket, S = min(T, largest sequence bucket);
+  * with a draft every step has the mixed shapes; a step of decode rows only (each with
+    its proposals) runs them through the decode kernel (a static flag of its bucket).
 Block tables always have max_model_len / block_size columns; the attention kernels
 only read the blocks a sequence uses.
 """
@@ -26,7 +37,7 @@ from ..models.step_metadata import StepMetadata, StepMetadataBuilder
 from ..models.loader import LoadedModel
 from . import multihost
 from .executable_cache import ExecutableCache, fresh_compiles
-from .sampler import SampleOutput, SamplingBatch, sample
+from .sampler import SampleOutput, SamplingBatch, rejection_sample, sample, sample_proposal
 from .scheduler import SchedulerOutput
 
 logger = logging.getLogger("lmidist_jax")
@@ -43,14 +54,23 @@ class StepBatch:
     reset_slots: jax.Array      # [S] i32 rows to clear before this step (trash row = none)
     sampling: SamplingBatch
     prompt_targets: jax.Array   # [T] i32 next prompt token whose logprob is wanted (-1 = none)
+    # [S] i32 draft proposals each row verifies, in the places after its last known token
+    # (md.logits_indices); zeros without a draft.
+    num_proposals: jax.Array
 
 
 @dataclasses.dataclass
 class ModelRunnerOutput:
-    token_ids: np.ndarray      # [num_scheduled] (or [num_steps, num_scheduled])
-    logprobs: np.ndarray       # same
-    top_ids: np.ndarray        # [..., num_scheduled, K]
-    top_logprobs: np.ndarray   # [..., num_scheduled, K]
+    """Per scheduled row: up to N tokens (N = 1, the decode steps, or k + 1 with a draft)."""
+
+    token_ids: np.ndarray      # [num_scheduled, N]
+    logprobs: np.ndarray       # [num_scheduled, N]
+    top_ids: np.ndarray        # [num_scheduled, N, K]
+    top_logprobs: np.ndarray   # [num_scheduled, N, K]
+    # [num_scheduled] tokens each row emits: 0 for a prompt chunk that samples nothing,
+    # 1 for a plain row, num_steps for a multi-step decode row, accepted proposals + 1
+    # for a verify row.
+    num_tokens: np.ndarray
     host_time: float
     device_time: float
     # (index in sched.scheduled, logprobs of its prompt tokens from num_computed_tokens + 1 on)
@@ -100,7 +120,8 @@ def _bucket(value: int, buckets: list[int]) -> int:
 class ModelRunner:
     def __init__(self, model: LoadedModel, *, block_size: int, num_blocks: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, backend: str = "xla",
-                 max_logprobs: int = 20, enforce_eager: bool = False, decode_steps: int = 1):
+                 max_logprobs: int = 20, enforce_eager: bool = False, decode_steps: int = 1,
+                 draft: LoadedModel | None = None, num_speculative_tokens: int = 0):
         self.model = model
         self.spec = model.spec
         self.mesh = model.mesh
@@ -126,8 +147,14 @@ class ModelRunner:
         # encoder (a second jitted function, bucketed over encoder tokens), which writes the
         # cross-attention K/V into each sequence's cross blocks of the same paged cache.
         self.encoder_decoder = self.spec.is_encoder_decoder
+        # Speculative decoding: the draft model (whole on every device, or sharded like the
+        # target) and its paged cache, which has a block for every block of the target's.
+        self.draft = draft
+        self.num_speculative_tokens = num_speculative_tokens if draft is not None else 0
 
-        self.kv_caches = self._allocate_kv_cache()
+        self.kv_caches, self.kv_sharding = self._allocate_kv_cache(model)
+        if draft is not None:
+            self.draft_kv_caches, self.draft_kv_sharding = self._allocate_kv_cache(draft)
         vocab = self.spec.vocab_size
         rep = parallel.replicated(self.mesh)
         rows = max_num_seqs + 1
@@ -136,11 +163,17 @@ class ModelRunner:
 
         graphdef = model.graphdef
         num_top = self.num_top_logprobs
-
+        max_steps = max(1, self.decode_steps)
+        k = self.num_speculative_tokens
         block_size = self.block_size
+        draft_graphdef = draft.graphdef if draft is not None else None
 
-        def forward_and_sample(module, kv_caches, prompt_mask, output_counts, input_ids,
-                               token_is_output, token_slots, md, slots, sampling, prompt_targets=None):
+        def logits_at(module, hidden, index, mesh):
+            return parallel.gather_for_sampling(module.logits(hidden[index]), mesh)
+
+        def forward(module, kv_caches, counts, input_ids, token_is_output, token_slots, md, prompt_targets=None):
+            """The model over the step's tokens, and the penalty bookkeeping of its inputs.
+            Returns (hidden, kv_caches, counts, prompt-token logprobs [T])."""
             hidden, kv_caches = module(input_ids, kv_caches, md)
             if prompt_targets is None:
                 prompt_lps = jnp.zeros(input_ids.shape, jnp.float32)
@@ -150,69 +183,131 @@ class ModelRunner:
                     lambda h, tgt: prompt_token_logprobs(module, h, tgt),
                     lambda h, tgt: jnp.zeros(tgt.shape, jnp.float32),
                     hidden, prompt_targets)
-            # Penalty bookkeeping: count this step's input tokens (prompt tokens in the
-            # mask, generated ones in the counts) in their sequence's row.
+            # Count this step's input tokens (prompt tokens in the mask, generated ones in
+            # the counts) in their sequence's row; tokens of the trash row are not counted.
+            prompt_mask, output_counts = counts
             trash = prompt_mask.shape[0] - 1
             prompt_rows = jnp.where(token_is_output, trash, token_slots)
             output_rows = jnp.where(token_is_output, token_slots, trash)
-            prompt_mask = prompt_mask.at[prompt_rows, input_ids].set(True)
-            output_counts = output_counts.at[output_rows, input_ids].add(1)
-            logits = parallel.gather_for_sampling(module.logits(hidden[md.logits_indices]), self.mesh)
-            out = sample(logits, prompt_mask, output_counts, slots, sampling, num_top)
-            return kv_caches, prompt_mask, output_counts, out, prompt_lps
+            counts = (prompt_mask.at[prompt_rows, input_ids].set(True),
+                      output_counts.at[output_rows, input_ids].add(1))
+            return hidden, kv_caches, counts, prompt_lps
 
-        max_steps = max(1, self.decode_steps)
+        def forward_and_sample(module, kv_caches, counts, input_ids, token_is_output, md, batch: StepBatch,
+                               sampling, prompt_targets=None):
+            hidden, kv_caches, counts, prompt_lps = forward(module, kv_caches, counts, input_ids, token_is_output,
+                                                            batch.token_slots, md, prompt_targets)
+            out = sample(logits_at(module, hidden, md.logits_indices, self.mesh), *counts, batch.slots, sampling,
+                         num_top)
+            return kv_caches, counts, out, prompt_lps
 
-        def step_fn(state, kv_caches, prompt_mask, output_counts, batch: StepBatch, num_steps):
-            """Returns outputs stacked [steps, S, ...]: 1 step for mixed batches, up to
-            max_steps (num_steps, a traced scalar) for decode-only batches."""
-            self.num_step_traces += 1  # Python runs only while JAX traces: counts traces
-            module = nnx.merge(graphdef, state)
-            # Clear the count rows of sequences placed since their last step.
-            prompt_mask = prompt_mask.at[batch.reset_slots].set(False)
-            output_counts = output_counts.at[batch.reset_slots].set(0)
-            if not batch.md.decode_only:
-                kv_caches, prompt_mask, output_counts, out, prompt_lps = forward_and_sample(
-                    module, kv_caches, prompt_mask, output_counts, batch.input_ids, batch.token_is_output,
-                    batch.token_slots, batch.md, batch.slots, batch.sampling, batch.prompt_targets)
-                return (kv_caches, prompt_mask, output_counts,
-                        (jax.tree_util.tree_map(lambda x: x[None], out), prompt_lps))
-            # Decode: num_steps steps in one dispatch; each step's samples are the next
-            # step's inputs, positions and KV slots advance on the device (the host
-            # reserved the blocks). Host overhead is paid once per num_steps tokens.
+        def mixed_step(module, kv_caches, counts, batch: StepBatch):
+            kv_caches, counts, out, prompt_lps = forward_and_sample(
+                module, kv_caches, counts, batch.input_ids, batch.token_is_output, batch.md, batch,
+                batch.sampling, batch.prompt_targets)
+            out = jax.tree_util.tree_map(lambda x: x[:, None], out)  # one token per row
+            out = dataclasses.replace(out, num_tokens=jnp.ones(out.token_ids.shape[:1], jnp.int32))
+            return kv_caches, counts, out, prompt_lps
+
+        def decode_steps(module, kv_caches, counts, batch: StepBatch, num_steps):
+            """num_steps decode steps (a traced scalar, up to max_steps) in one dispatch:
+            each step's samples are the next step's inputs, positions and KV slots
+            advance on the device (the host reserved the blocks). Host overhead is paid
+            once per num_steps tokens."""
             md0 = batch.md
-            valid = md0.seq_lens > 0
             num_seqs = batch.slots.shape[0]
+            rows = jnp.arange(num_seqs, dtype=jnp.int32)
             outs = SampleOutput(
-                jnp.zeros((max_steps, num_seqs), jnp.int32), jnp.zeros((max_steps, num_seqs), jnp.float32),
-                jnp.zeros((max_steps, num_seqs, num_top), jnp.int32),
-                jnp.zeros((max_steps, num_seqs, num_top), jnp.float32))
+                jnp.zeros((num_seqs, max_steps), jnp.int32), jnp.zeros((num_seqs, max_steps), jnp.float32),
+                jnp.zeros((num_seqs, max_steps, num_top), jnp.int32),
+                jnp.zeros((num_seqs, max_steps, num_top), jnp.float32))
 
             def one_step(i, carry):
-                kv_caches, prompt_mask, output_counts, input_ids, outs = carry
-                seq_lens = jnp.where(valid, md0.seq_lens + i, 0)
-                positions = jnp.maximum(seq_lens - 1, 0)
-                blocks = jnp.take_along_axis(md0.block_tables, (positions // block_size)[:, None], axis=1)[:, 0]
-                md = dataclasses.replace(md0, positions=positions, seq_lens=seq_lens,
-                                         slot_mapping=jnp.where(valid, blocks * block_size + positions % block_size, 0))
+                kv_caches, counts, input_ids, outs = carry
+                md = md0.decode_step(rows, md0.seq_lens + i, md0.seq_lens > 0, block_size)
                 sampling = dataclasses.replace(batch.sampling, sample_index=batch.sampling.sample_index + i)
                 token_is_output = jnp.where(i == 0, batch.token_is_output, True)
-                kv_caches, prompt_mask, output_counts, out, _ = forward_and_sample(
-                    module, kv_caches, prompt_mask, output_counts, input_ids, token_is_output,
-                    batch.token_slots, md, batch.slots, sampling)
-                outs = jax.tree_util.tree_map(lambda buf, x: buf.at[i].set(x), outs, out)
-                return kv_caches, prompt_mask, output_counts, out.token_ids, outs
+                kv_caches, counts, out, _ = forward_and_sample(module, kv_caches, counts, input_ids,
+                                                               token_is_output, md, batch, sampling)
+                outs = jax.tree_util.tree_map(lambda buf, x: buf.at[:, i].set(x), outs, out)
+                return kv_caches, counts, out.token_ids, outs
 
-            kv_caches, prompt_mask, output_counts, _, outs = jax.lax.fori_loop(
-                0, num_steps, one_step, (kv_caches, prompt_mask, output_counts, batch.input_ids, outs))
+            kv_caches, counts, _, outs = jax.lax.fori_loop(
+                0, num_steps, one_step, (kv_caches, counts, batch.input_ids, outs))
             # Decode tokens are never prompt tokens (a recomputed prompt runs as a mixed step).
-            return kv_caches, prompt_mask, output_counts, (outs, jnp.zeros(batch.input_ids.shape, jnp.float32))
+            outs = dataclasses.replace(outs, num_tokens=jnp.full((num_seqs,), num_steps, jnp.int32))
+            return kv_caches, counts, outs, jnp.zeros(batch.input_ids.shape, jnp.float32)
+
+        def propose(draft_module, draft_kv, batch: StepBatch, num_steps):
+            """The draft's proposals [S, K] for each row (num_proposals of them; num_steps,
+            a traced scalar, is the largest) and the distributions q [S, K, V] they were
+            drawn from: decode steps of the draft from the row's last known token."""
+            md0, sampling = batch.md, batch.sampling
+            last = md0.logits_indices
+            seq_lens = md0.positions[last] + 1
+            num_seqs, vocab = last.shape[0], draft.spec.vocab_size
+
+            def one(i, carry):
+                draft_kv, tokens, proposals, probs = carry
+                md = md0.decode_step(last, seq_lens + i, batch.num_proposals > i, block_size)
+                hidden, draft_kv = draft_module(tokens, draft_kv, md)
+                # draft.mesh: the target's when the draft is sharded like it, else the draft's
+                # own one-device mesh (its logits are whole on every device already).
+                new_tokens, q = sample_proposal(logits_at(draft_module, hidden, md.logits_indices, draft.mesh),
+                                                sampling, sampling.sample_index + i)
+                return draft_kv, new_tokens, proposals.at[:, i].set(new_tokens), probs.at[:, i].set(q)
+
+            init = (draft_kv, batch.input_ids[last], jnp.zeros((num_seqs, k), jnp.int32),
+                    jnp.zeros((num_seqs, k, vocab), jnp.float32))
+            draft_kv, _, proposals, probs = jax.lax.fori_loop(0, num_steps, one, init)
+            return draft_kv, proposals, probs
+
+        def speculative_step(modules, kv_caches, counts, batch: StepBatch, num_steps):
+            """Propose, verify beside the other rows' tokens, rejection-sample."""
+            (module, draft_module), (kv_caches, draft_kv) = modules, kv_caches
+            md = batch.md
+            draft_kv, proposals, draft_probs = propose(draft_module, draft_kv, batch, num_steps)
+            # The proposals take the places reserved for them after each row's last token.
+            j = jnp.arange(k)[None, :]
+            places = jnp.where(j < batch.num_proposals[:, None], md.logits_indices[:, None] + 1 + j,
+                               batch.input_ids.shape[0])
+            input_ids = batch.input_ids.at[places].set(proposals, mode="drop")
+            # Proposals carry the trash row in token_slots: counted for penalties once accepted.
+            hidden, kv_caches, counts, prompt_lps = forward(module, kv_caches, counts, input_ids,
+                                                            batch.token_is_output, batch.token_slots, md,
+                                                            batch.prompt_targets)
+            # The draft computes the same positions, keeping its cache in step with the target's.
+            _, draft_kv = draft_module(input_ids, draft_kv, md)
+            verified = md.logits_indices[:, None] + jnp.minimum(jnp.arange(k + 1)[None, :],
+                                                                batch.num_proposals[:, None])  # [S, K+1]
+            logits = logits_at(module, hidden, verified.reshape(-1), self.mesh).reshape(verified.shape + (-1,))
+            out = rejection_sample(logits, proposals, draft_probs, batch.num_proposals, *counts, batch.slots,
+                                   batch.sampling, num_top)
+            prompt_mask, output_counts = counts
+            counted = jnp.where(j < out.num_tokens[:, None] - 1, batch.slots[:, None], prompt_mask.shape[0] - 1)
+            counts = (prompt_mask, output_counts.at[counted, proposals].add(1))
+            return (kv_caches, draft_kv), counts, out, prompt_lps
+
+        def step_fn(state, kv_caches, prompt_mask, output_counts, batch: StepBatch, num_steps):
+            """Returns outputs [S, N]: N = 1 for mixed batches, max_steps for decode-only
+            batches (num_steps of them valid), k + 1 with a draft."""
+            self.num_step_traces += 1  # Python runs only while JAX traces: counts traces
+            # Clear the count rows of sequences placed since their last step.
+            counts = (prompt_mask.at[batch.reset_slots].set(False), output_counts.at[batch.reset_slots].set(0))
+            if draft_graphdef is not None:
+                modules = (nnx.merge(graphdef, state[0]), nnx.merge(draft_graphdef, state[1]))
+                kv_caches, counts, out, prompt_lps = speculative_step(modules, kv_caches, counts, batch, num_steps)
+            elif batch.md.decode_only:
+                kv_caches, counts, out, prompt_lps = decode_steps(nnx.merge(graphdef, state), kv_caches, counts,
+                                                                  batch, num_steps)
+            else:
+                kv_caches, counts, out, prompt_lps = mixed_step(nnx.merge(graphdef, state), kv_caches, counts, batch)
+            return (kv_caches, *counts, (out, prompt_lps))
 
         # Outputs keep the inputs' placements so that every step (and every ahead-of-time
         # compiled bucket) sees the same shardings.
-        rep = parallel.replicated(self.mesh)
-        self._step = jax.jit(step_fn, donate_argnums=(1, 2, 3),
-                             out_shardings=(self.kv_sharding, rep, rep, rep))
+        kv_sharding = self.kv_sharding if draft is None else (self.kv_sharding, self.draft_kv_sharding)
+        self._step = jax.jit(step_fn, donate_argnums=(1, 2, 3), out_shardings=(kv_sharding, rep, rep, rep))
         self._compiled: dict[tuple[int, int, bool], object] = {}
         self.num_step_traces = 0
         # Compiled steps of earlier processes (None: off, with the compilation cache or eager).
@@ -226,29 +321,36 @@ class ModelRunner:
 
     # -- KV cache ------------------------------------------------------------------
 
-    def _allocate_kv_cache(self):
-        spec = self.spec
+    def _allocate_kv_cache(self, model: LoadedModel):
+        """A paged cache for ``model`` (the target, or the draft: the same block ids) on the
+        target's mesh: split by KV heads when the model is sharded like the target, whole
+        on every device when it is kept whole (a draft with draft_model_tp_size=1).
+        Returns (caches, sharding)."""
+        spec = model.spec
         # One shape per layer (DeciLM's layers differ in KV heads). Every layer's head
         # count divides the TP degree (loader.spec_for_mesh), so one sharding fits all.
         shapes = [(spec.layer_kv_heads(i), self.num_blocks, self.block_size, spec.head_dim)
                   for i in range(spec.num_layers)]
-        sharding = NamedSharding(self.mesh, parallel.partition_spec(("kv_heads", None, None, None),
-                                                                    shapes[0], self.mesh))
-        self.kv_sharding = sharding
-        zeros = {shape: jax.jit(lambda shape=shape: jnp.zeros(shape, self.model.dtype), out_shardings=sharding)
+        if model.mesh.shape[parallel.TP_AXIS] == self.mesh.shape[parallel.TP_AXIS]:
+            sharding = NamedSharding(self.mesh, parallel.partition_spec(("kv_heads", None, None, None),
+                                                                        shapes[0], self.mesh))
+        else:
+            sharding = parallel.replicated(self.mesh)
+        zeros = {shape: jax.jit(lambda shape=shape: jnp.zeros(shape, model.dtype), out_shardings=sharding)
                  for shape in set(shapes)}
         caches = [(zeros[shape](), zeros[shape]()) for shape in shapes]
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks,
-                    self.block_size, (self.num_blocks - 1) * self.block_size,
-                    kv_cache_bytes_per_block(spec, self.block_size, self.model.dtype) * self.num_blocks / 2**30)
-        return caches
+        logger.info("KV cache%s: %d blocks of %d tokens = %d tokens (%.2f GiB)",
+                    "" if model is self.model else " of the draft", self.num_blocks, self.block_size,
+                    (self.num_blocks - 1) * self.block_size,
+                    kv_cache_bytes_per_block(spec, self.block_size, model.dtype) * self.num_blocks / 2**30)
+        return caches, sharding
 
     # -- batch packing -------------------------------------------------------------
 
     def shapes_for(self, num_tokens: int, num_seqs: int, decode_only: bool) -> tuple[int, int]:
         if self.enforce_eager:
             return num_tokens, num_seqs
-        if decode_only:
+        if decode_only and self.draft is None:  # one token per sequence
             s = _bucket(num_seqs, self.seq_buckets)
             return s, s
         t = _bucket(num_tokens, self.token_buckets)
@@ -264,7 +366,7 @@ class ModelRunner:
         builder = StepBatchBuilder(self, T, S, cross=self.encoder_decoder)
         prompt_spans = []
         for row, item in enumerate(sched.scheduled):
-            span = builder.add(row, item.seq, item.num_new_tokens)
+            span = builder.add(row, item.seq, item.num_new_tokens, item.num_spec_tokens)
             if span is not None:
                 prompt_spans.append(span)
         return builder.build(decode_only), prompt_spans
@@ -304,10 +406,12 @@ class ModelRunner:
 
     def execute(self, sched: SchedulerOutput, num_steps: int = 1) -> ModelRunnerOutput:
         """Run the step; decode-only batches may run num_steps decode steps in one
-        dispatch. Outputs are [num_steps, num_scheduled, ...]."""
+        dispatch; with a draft, rows verify the spec tokens the scheduler gave them."""
         t0 = time.perf_counter()
         encoder_batch = self._pack_encoder(sched) if self.encoder_decoder else None
         batch, prompt_spans = self._pack(sched)
+        if self.draft is not None:  # the draft's loop runs as often as the longest proposal
+            num_steps = max((item.num_spec_tokens for item in sched.scheduled), default=0)
         if multihost.is_multiprocess():
             batch = multihost.broadcast_batch(batch, batch.input_ids.shape[0], batch.slots.shape[0],
                                               batch.md.decode_only, num_steps)
@@ -320,17 +424,21 @@ class ModelRunner:
         t2 = time.perf_counter()
         n = len(sched.scheduled)
         if prompt_spans:
-            prompt_spans = [(row, prompt_lps[t:t + k]) for row, t, k in prompt_spans]
-        return ModelRunnerOutput(out.token_ids[:num_steps, :n], out.logprobs[:num_steps, :n],
-                                 out.top_ids[:num_steps, :n], out.top_logprobs[:num_steps, :n],
+            prompt_spans = [(row, prompt_lps[t:t + c]) for row, t, c in prompt_spans]
+        samples = np.array([item.samples for item in sched.scheduled], bool)
+        return ModelRunnerOutput(out.token_ids[:n], out.logprobs[:n], out.top_ids[:n], out.top_logprobs[:n],
+                                 num_tokens=np.where(samples, out.num_tokens[:n], 0),
                                  host_time=t1 - t0, device_time=t2 - t1, prompt_logprobs=prompt_spans)
 
     def _args(self, batch: StepBatch, num_steps: int):
-        return (self.model.state, self.kv_caches, self.prompt_mask, self.output_counts, batch,
-                np.int32(num_steps))
+        if self.draft is None:
+            state, kv_caches = self.model.state, self.kv_caches
+        else:
+            state, kv_caches = (self.model.state, self.draft.state), (self.kv_caches, self.draft_kv_caches)
+        return (state, kv_caches, self.prompt_mask, self.output_counts, batch, np.int32(num_steps))
 
     def _run(self, batch: StepBatch, num_steps: int = 1) -> tuple[SampleOutput, jax.Array]:
-        """Returns (samples [steps, S, ...], prompt-token logprobs [T])."""
+        """Returns (samples [S, N, ...], prompt-token logprobs [T])."""
         key = (batch.input_ids.shape[0], batch.slots.shape[0], batch.md.decode_only)
         step = self._compiled.get(key)
         if step is None:  # not warmed up
@@ -339,7 +447,11 @@ class ModelRunner:
                 step = self._step
             else:  # loaded from an earlier process, or compiled now and stored for the next
                 step = self._compiled[key] = self._compile_step(key, self._args(batch, num_steps))
-        self.kv_caches, self.prompt_mask, self.output_counts, out = step(*self._args(batch, num_steps))
+        kv_caches, self.prompt_mask, self.output_counts, out = step(*self._args(batch, num_steps))
+        if self.draft is None:
+            self.kv_caches = kv_caches
+        else:
+            self.kv_caches, self.draft_kv_caches = kv_caches
         return out
 
     def _program(self) -> dict:
@@ -348,7 +460,11 @@ class ModelRunner:
                 "block_size": self.block_size, "num_blocks": self.num_blocks, "max_num_seqs": self.max_num_seqs,
                 "max_num_batched_tokens": self.max_num_batched_tokens, "max_model_len": self.max_model_len,
                 "backend": self.backend, "num_top_logprobs": self.num_top_logprobs,
-                "decode_steps": self.decode_steps}
+                "decode_steps": self.decode_steps,
+                "draft": None if self.draft is None else {
+                    "spec": repr(self.draft.spec), "dtype": str(self.draft.dtype),
+                    "tp": self.draft.mesh.shape[parallel.TP_AXIS],
+                    "num_speculative_tokens": self.num_speculative_tokens}}
 
     def _compile_step(self, key, args):
         """The compiled step of bucket ``key``: from the executable cache, else traced,
@@ -365,9 +481,20 @@ class ModelRunner:
 
     def warmup_shapes(self) -> list[tuple[int, int, bool]]:
         """(tokens, sequences, decode_only) of every compiled step."""
-        shapes = [(s, s, True) for s in self.seq_buckets]
-        shapes += [(t, min(t, self.seq_buckets[-1]), False) for t in self.token_buckets]
+        most_seqs = self.seq_buckets[-1]
+        if self.draft is None:
+            shapes = [(s, s, True) for s in self.seq_buckets]
+        else:  # decode rows, each with up to k proposals
+            most = _bucket(min(most_seqs * (self.num_speculative_tokens + 1), self.max_num_batched_tokens),
+                           self.token_buckets)
+            shapes = [(t, min(t, most_seqs), True) for t in self.token_buckets if t <= most]
+        shapes += [(t, min(t, most_seqs), False) for t in self.token_buckets]
         return shapes
+
+    def largest_shapes(self) -> list[tuple[int, int, bool]]:
+        """The largest decode-only and mixed buckets: their temporaries bound every step's."""
+        shapes = self.warmup_shapes()
+        return [max(s for s in shapes if s[2] is kind) for kind in (True, False)]
 
     def warmup(self, progress: bool = True, threads: int | None = None) -> None:
         """Compile every bucket ahead of time, several at once (XLA compiles in parallel
@@ -422,31 +549,32 @@ class StepBatchBuilder:
         self.slots = np.full(S, trash, np.int32)
         self.reset_slots = np.full(S, trash, np.int32)
         self.prompt_targets = np.full(T, -1, np.int32)
+        self.num_proposals = np.zeros(S, np.int32)
         self.sampling = SamplingBatch(
             temperature=np.zeros(S, np.float32), top_k=np.zeros(S, np.int32), top_p=np.ones(S, np.float32),
             min_p=np.zeros(S, np.float32), repetition_penalty=np.ones(S, np.float32),
             presence_penalty=np.zeros(S, np.float32), frequency_penalty=np.zeros(S, np.float32),
             seeds=np.zeros(S, np.uint32), sample_index=np.zeros(S, np.int32), top_n=np.zeros(S, np.int32))
 
-    def add(self, row: int, seq, num_new_tokens: int) -> tuple[int, int, int] | None:
-        """Sequence ``seq`` computes its next ``num_new_tokens`` tokens in row ``row``.
-        Returns its (row, first token, count) span of wanted prompt logprobs, if any."""
+    def add(self, row: int, seq, num_new_tokens: int, num_proposals: int = 0) -> tuple[int, int, int] | None:
+        """Sequence ``seq`` computes its next ``num_new_tokens`` tokens in row ``row``, then
+        verifies ``num_proposals`` draft proposals (put into the places after them on the
+        device). Returns its (row, first token, count) span of wanted prompt logprobs, if any."""
         start, n = seq.num_computed_tokens, num_new_tokens
-        tokens = self.metadata.add_sequence(row, seq.block_ids, start, n)
+        tokens = self.metadata.add_sequence(row, seq.block_ids, start, n + num_proposals, num_proposals)
         if self.metadata.cross_lens is not None:  # encoder-decoder: where its encoder's K/V are
             self.metadata.add_cross(row, seq.cross_block_ids, len(seq.request.encoder_prompt_token_ids))
         t = tokens.start
         if self.runner.lora is not None:
             self.metadata.lora_slots[tokens] = self.runner.lora.slot(seq.request.adapter)
-        # Speculative rows run past the known tokens: the draft's proposals are put into
-        # the remaining places on the device (engine/spec_decode.py).
-        known = seq.token_ids[start:start + n]
-        self.input_ids[t:t + len(known)] = known
-        self.token_is_output[tokens] = np.arange(start, start + n) >= seq.num_prompt_tokens
+        self.input_ids[t:t + n] = seq.token_ids[start:start + n]
+        self.token_is_output[tokens] = np.arange(start, start + n + num_proposals) >= seq.num_prompt_tokens
+        self.num_proposals[row] = num_proposals
         self.slots[row] = seq.slot
         p = seq.request.sampling_params
         if p.uses_penalties:  # only penalized sequences need their tokens counted
-            self.token_slots[tokens] = seq.slot
+            # (proposals are counted on the device once accepted)
+            self.token_slots[t:t + n] = seq.slot
         if seq.needs_slot_reset:
             self.reset_slots[row] = seq.slot
             seq.needs_slot_reset = False
@@ -472,7 +600,7 @@ class StepBatchBuilder:
     def build(self, decode_only: bool) -> StepBatch:
         md = self.metadata.build(decode_only=decode_only, backend=self.runner.backend)
         return StepBatch(self.input_ids, self.token_is_output, self.token_slots, md, self.slots,
-                         self.reset_slots, self.sampling, self.prompt_targets)
+                         self.reset_slots, self.sampling, self.prompt_targets, self.num_proposals)
 
 
 def kv_cache_bytes_per_block(spec, block_size: int, dtype) -> int:

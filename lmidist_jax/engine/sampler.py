@@ -1,10 +1,19 @@
-"""On-device sampling, run inside the jitted step.
+"""On-device sampling, run inside the jitted step: the sampler of ordinary rows, the
+draft's proposal sampler and the rejection sampler that verifies proposals.
 
 Order: penalties (repetition on prompt+output tokens, presence/frequency on output
 tokens) -> temperature -> top-k -> top-p -> min-p -> Gumbel-max sample. Rows with
 temperature 0 take the argmax of the penalized logits. Each row draws its noise from
 its own key (request seed, output position), so a request's samples do not depend on
 what else is in the batch.
+
+Speculative decoding (Leviathan et al. 2023, Chen et al. 2023): the draft samples each
+proposal from q (temperature and truncation, no penalties: any q keeps the method
+lossless, a closer one is only accepted more often); `rejection_sample` accepts proposal
+j with probability min(1, p_j(d_j) / q_j(d_j)) (greedy rows: when it is the target's
+argmax) and draws the token after the accepted run from normalize(max(p - q, 0)) at a
+rejection, else from p: emitted tokens are distributed as the target's own samples. A
+row without proposals samples exactly as `sample` does.
 """
 
 from __future__ import annotations
@@ -13,6 +22,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+# Folded into a sequence's (seed, output position) key so that the draft's samples and
+# the acceptance draws are independent of the target's own sampling noise.
+DRAFT_SALT = 0x5D
+ACCEPT_SALT = 0xAC
 
 
 @jax.tree_util.register_dataclass
@@ -35,10 +49,12 @@ class SamplingBatch:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SampleOutput:
-    token_ids: jax.Array     # [S] i32
+    token_ids: jax.Array     # [S] i32 ([S, N] where a row may emit several tokens)
     logprobs: jax.Array      # [S] f32 logprob of the sampled token (model distribution)
     top_ids: jax.Array       # [S, K] i32
     top_logprobs: jax.Array  # [S, K] f32
+    # [S] i32 tokens each row emits, for outputs of [S, N] (verified proposals + 1).
+    num_tokens: jax.Array | None = None
 
 
 def apply_penalties(logits, prompt_mask, output_counts, params: SamplingBatch):
@@ -71,6 +87,66 @@ def truncation_mask(logits, params: SamplingBatch):
     return logits >= threshold
 
 
+def _penalized(logits, count_rows, params: SamplingBatch):
+    """Penalties applied, skipped at run time when no row asks for them. ``count_rows()``
+    -> (prompt_mask, output_counts) rows [S, V], built only when needed."""
+    penalized = ((params.repetition_penalty != 1.0) | (params.presence_penalty != 0.0)
+                 | (params.frequency_penalty != 0.0))
+    return jax.lax.cond(jnp.any(penalized), lambda x: apply_penalties(x, *count_rows(), params),
+                        lambda x: x, logits)
+
+
+def _scaled(logits, params: SamplingBatch):
+    """Temperature, then top-k / top-p / min-p: the logits a sampled row draws from.
+    Truncation needs a sort over the vocabulary, the costliest part of sampling: it is
+    skipped (at run time) when no sampled row asks for top-k, top-p or min-p."""
+    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
+    scaled = logits / temperature
+    truncates = (params.temperature > 0) & ((params.top_k > 0) | (params.top_p < 1.0) | (params.min_p > 0.0))
+    return jax.lax.cond(jnp.any(truncates), lambda x: jnp.where(truncation_mask(x, params), x, -jnp.inf),
+                        lambda x: x, scaled)
+
+
+def _row_keys(seeds, positions, salt=None):
+    """One PRNG key per (seed, output position[, salt]); seeds and positions broadcast."""
+    def one(seed, position):
+        key = jax.random.fold_in(jax.random.key(seed), position)
+        return key if salt is None else jax.random.fold_in(key, salt)
+    seeds, positions = jnp.broadcast_arrays(seeds, positions)
+    return jax.vmap(one)(seeds.reshape(-1), positions.reshape(-1)).reshape(seeds.shape)
+
+
+def _draw(scaled, greedy, params: SamplingBatch, positions, salt=None):
+    """Gumbel-max draws from ``scaled`` [S, V] for rows with temperature > 0, ``greedy``
+    [S] for the others; the [S, V] of noise is skipped (at run time) when every row is greedy."""
+    def with_sampling(scaled):
+        keys = _row_keys(params.seeds, positions, salt)
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, (scaled.shape[-1],), jnp.float32))(keys)
+        sampled = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+        return jnp.where(params.temperature > 0, sampled, greedy)
+
+    return jax.lax.cond(jnp.any(params.temperature > 0), with_sampling, lambda _: greedy, scaled)
+
+
+def _top_logprobs(model_logprobs, params: SamplingBatch, num_top_logprobs: int):
+    """(values, ids) [..., num_top_logprobs] of the model's best tokens, skipped (zeros) at
+    run time when no row asks for alternatives."""
+    shape = model_logprobs.shape[:-1] + (num_top_logprobs,)
+    if num_top_logprobs == 0:
+        return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32)
+
+    def top(x):
+        values, ids = jax.lax.top_k(x, num_top_logprobs)
+        return values, ids.astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(params.top_n > 0), top,
+                        lambda x: (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32)), model_logprobs)
+
+
+def _token_logprobs(model_logprobs, tokens):
+    return jnp.take_along_axis(model_logprobs, tokens[..., None], axis=-1)[..., 0]
+
+
 def sample(logits, prompt_mask, output_counts, slots, params: SamplingBatch,
            num_top_logprobs: int) -> SampleOutput:
     """logits [S, V] float32 -> sampled tokens and logprobs.
@@ -79,51 +155,81 @@ def sample(logits, prompt_mask, output_counts, slots, params: SamplingBatch,
     sequence's row. Work that no row of the batch needs (penalties, truncation, top-n
     alternatives) is skipped at run time with lax.cond."""
     model_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    penalized = ((params.repetition_penalty != 1.0) | (params.presence_penalty != 0.0)
-                 | (params.frequency_penalty != 0.0))
-    logits = jax.lax.cond(
-        jnp.any(penalized),
-        lambda x: apply_penalties(x, prompt_mask[slots], output_counts[slots], params),
-        lambda x: x,
-        logits)
-    greedy_tokens = jnp.argmax(logits, axis=-1)
+    logits = _penalized(logits, lambda: (prompt_mask[slots], output_counts[slots]), params)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = _draw(_scaled(logits, params), greedy, params, params.sample_index)
+    top_logprobs, top_ids = _top_logprobs(model_logprobs, params, num_top_logprobs)
+    return SampleOutput(tokens, _token_logprobs(model_logprobs, tokens), top_ids, top_logprobs)
 
-    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
-    scaled = logits / temperature
-    # Truncation needs a sort over the vocabulary, the costliest part of sampling:
-    # skip it (at run time) when no sampled row asks for top-k, top-p or min-p.
-    truncates = (params.temperature > 0) & ((params.top_k > 0) | (params.top_p < 1.0) | (params.min_p > 0.0))
-    scaled = jax.lax.cond(
-        jnp.any(truncates),
-        lambda x: jnp.where(truncation_mask(x, params), x, -jnp.inf),
-        lambda x: x,
-        scaled)
 
-    def row_noise(seed, index):
-        key = jax.random.fold_in(jax.random.key(seed), index)
-        return jax.random.gumbel(key, (logits.shape[-1],), jnp.float32)
+def sample_proposal(logits, params: SamplingBatch, positions):
+    """The draft's proposal and the distribution q it was drawn from: logits [S, V] ->
+    (tokens [S], q [S, V]). Greedy rows take the argmax (q is then unused)."""
+    scaled = _scaled(logits, params)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return _draw(scaled, greedy, params, positions, DRAFT_SALT), jax.nn.softmax(scaled, axis=-1)
 
-    def with_sampling(scaled):
-        noise = jax.vmap(row_noise)(params.seeds, params.sample_index)
-        sampled = jnp.argmax(scaled + noise, axis=-1)
-        return jnp.where(params.temperature > 0, sampled, greedy_tokens).astype(jnp.int32)
 
-    # [S, V] of noise per step is skipped (at run time) when every row is greedy.
-    tokens = jax.lax.cond(jnp.any(params.temperature > 0), with_sampling,
-                          lambda _: greedy_tokens.astype(jnp.int32), scaled)
-    token_logprobs = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
-    num_rows = logits.shape[0]
-    if num_top_logprobs > 0:
-        def top(x):
-            values, ids = jax.lax.top_k(x, num_top_logprobs)
-            return values, ids.astype(jnp.int32)
+def rejection_sample(logits, proposals, draft_probs, num_proposals, prompt_mask, output_counts, slots,
+                     params: SamplingBatch, num_top_logprobs: int) -> SampleOutput:
+    """Verifies each row's proposals against the target (see the module docstring).
 
-        def no_top(x):
-            return (jnp.zeros((num_rows, num_top_logprobs), jnp.float32),
-                    jnp.zeros((num_rows, num_top_logprobs), jnp.int32))
+    logits [S, K+1, V]: the target's logits after the row's last known token and after
+    each of its proposals; proposals [S, K]; draft_probs [S, K, V] the q each proposal
+    was drawn from; num_proposals [S] (positions past it are ignored; 0: a plain row).
+    Returns tokens [S, K+1] (the accepted proposals, then the correction or bonus token,
+    then zeros) and num_tokens [S] = accepted + 1."""
+    num_rows, k1, vocab = logits.shape
+    k = k1 - 1
+    model_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    row_params = jax.tree_util.tree_map(lambda x: jnp.repeat(x, k1, axis=0), params)
 
-        top_logprobs, top_ids = jax.lax.cond(jnp.any(params.top_n > 0), top, no_top, model_logprobs)
-    else:
-        top_logprobs = jnp.zeros((num_rows, 0), jnp.float32)
-        top_ids = jnp.zeros((num_rows, 0), jnp.int32)
-    return SampleOutput(tokens, token_logprobs, top_ids, top_logprobs)
+    def count_rows():
+        # Position j sees the row's counted tokens plus its proposals before j, as the
+        # target would have seen them had it generated them one at a time.
+        onehot = jax.nn.one_hot(proposals, vocab, dtype=jnp.int32)  # [S, K, V]
+        before = jnp.concatenate([jnp.zeros((num_rows, 1, vocab), jnp.int32), jnp.cumsum(onehot, axis=1)], axis=1)
+        counts = (output_counts[slots][:, None, :] + before).reshape(num_rows * k1, vocab)
+        return jnp.repeat(prompt_mask[slots], k1, axis=0), counts
+
+    flat = _penalized(logits.reshape(num_rows * k1, vocab), count_rows, row_params)
+    greedy = jnp.argmax(flat, axis=-1).astype(jnp.int32).reshape(num_rows, k1)
+    rows = jnp.arange(num_rows)
+    proposed = jnp.arange(k)[None, :] < num_proposals[:, None]
+    greedy_accept = proposals == greedy[:, :k]  # greedy rows: the target's argmax
+
+    def accepted_run(accept):
+        return jnp.sum(jnp.cumprod((accept & proposed).astype(jnp.int32), axis=1), axis=1)  # [S]
+
+    def with_sampling(_):
+        scaled = _scaled(flat, row_params).reshape(num_rows, k1, vocab)
+        target_probs = jax.nn.softmax(scaled, axis=-1)
+        # Acceptance: u < p/q, written without the division (q(d) > 0 for a token drawn from q).
+        positions = params.sample_index[:, None] + jnp.arange(k)[None, :]  # output position of each proposal
+        p_d = jnp.take_along_axis(target_probs[:, :k], proposals[..., None], axis=-1)[..., 0]
+        q_d = jnp.take_along_axis(draft_probs, proposals[..., None], axis=-1)[..., 0]
+        uniform = jax.vmap(jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32)))(
+            _row_keys(params.seeds[:, None], positions, ACCEPT_SALT))
+        num_accepted = accepted_run(jnp.where((params.temperature <= 0)[:, None], greedy_accept, uniform * q_d < p_d))
+        # The token after the accepted run: at a rejection from the residual max(p - q, 0),
+        # else (every proposal accepted, or none made) from p as `sample` draws it.
+        residual = jnp.maximum(target_probs[rows, num_accepted]
+                               - draft_probs[rows, jnp.minimum(num_accepted, k - 1)], 0.0)
+        # p == q (up to rounding) leaves no residual mass; rejection then had probability ~0.
+        from_residual = (num_accepted < num_proposals) & (jnp.sum(residual, axis=-1) > 0)
+        last_scaled = jnp.where(from_residual[:, None], jnp.log(residual), scaled[rows, num_accepted])
+        return num_accepted, _draw(last_scaled, greedy[rows, num_accepted], params, params.sample_index + num_accepted)
+
+    def greedy_only(_):
+        num_accepted = accepted_run(greedy_accept)
+        return num_accepted, greedy[rows, num_accepted]
+
+    # The distributions over the vocabulary are skipped (at run time) when every row is greedy.
+    num_accepted, last = jax.lax.cond(jnp.any(params.temperature > 0), with_sampling, greedy_only, None)
+
+    slot = jnp.arange(k1)[None, :]
+    padded = jnp.concatenate([proposals, jnp.zeros((num_rows, 1), jnp.int32)], axis=1)
+    tokens = jnp.where(slot < num_accepted[:, None], padded, jnp.where(slot == num_accepted[:, None], last[:, None], 0))
+    top_logprobs, top_ids = _top_logprobs(model_logprobs, params, num_top_logprobs)
+    return SampleOutput(tokens, _token_logprobs(model_logprobs, tokens), top_ids, top_logprobs,
+                        num_tokens=(num_accepted + 1).astype(jnp.int32))

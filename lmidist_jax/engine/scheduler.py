@@ -1,6 +1,8 @@
 """The phase-free scheduler: every sequence has ``num_computed_tokens``; a step gives
 each scheduled sequence a number of new tokens under a token budget and a sequence
-cap. One rule covers prefill, chunked prefill, decode and prefix-cache hits.
+cap. One rule covers prefill, chunked prefill, decode, prefix-cache hits and
+speculative verification: a decode row may also run its draft's proposals (spec
+tokens), and `after_step` advances each sequence by what the step accepted.
 
 FCFS. When KV blocks run out, the newest running sequence is preempted by recompute
 (its blocks are freed; it goes back to the front of the queue and later recomputes
@@ -22,6 +24,9 @@ class ScheduledSequence:
     num_new_tokens: int  # tokens token_ids[num_computed : num_computed + n] run this step
     # Encoder-decoder: the encoder prompt's tokens run before them this step (0: none).
     num_encoder_tokens: int = 0
+    # Speculative decoding: positions after the known tokens that the draft fills with
+    # proposals and the target verifies this step (their KV blocks are reserved).
+    num_spec_tokens: int = 0
 
     @property
     def samples(self) -> bool:
@@ -36,7 +41,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(s.num_new_tokens + s.num_spec_tokens for s in self.scheduled)
 
     @property
     def num_encoder_tokens(self) -> int:
@@ -189,13 +194,41 @@ class Scheduler:
             bm.allocate(item.seq.block_ids, item.seq.num_computed_tokens + num_steps)
         return True
 
-    def after_step(self, output: SchedulerOutput, num_steps: int = 1) -> None:
-        """Advance computed-token counts and publish newly full blocks to the prefix cache
-        (blocks whose tokens are all known; the rest follow at the next step or finish)."""
-        for item in output.scheduled:
+    def reserve_spec_tokens(self, output: SchedulerOutput, wanted: list[int]) -> None:
+        """Speculative decoding: give scheduled row i up to ``wanted[i]`` spec tokens (draft
+        proposals to verify after its last token) within what prefill chunks left of the
+        token budget, reserving their KV blocks; fewer when blocks are short (proposals
+        never preempt anything)."""
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens - output.num_tokens
+        for item, num in zip(output.scheduled, wanted):
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens + num_steps - 1
+            num = min(num, budget)
+            while num > 0 and bm.blocks_needed(seq.block_ids, seq.num_tokens + num) > bm.num_free_blocks:
+                num -= 1
+            if num > 0:
+                bm.allocate(seq.block_ids, seq.num_tokens + num)
+                item.num_spec_tokens = num
+                budget -= num
+
+    def after_step(self, output: SchedulerOutput, num_tokens=None) -> None:
+        """The one update rule after a step. ``num_tokens[i]``: the tokens row i emitted
+        (0: a prompt chunk that samples nothing; 1: a decode row; a verify row its
+        accepted proposals + 1; a multi-step decode row its steps; None: one per row
+        that samples). Each sequence's computed tokens advance by its known tokens plus
+        the emitted tokens the step fed back (all but the last), so rejected proposals
+        are not computed; blocks past the sequence's new end go back to the pool; newly
+        full blocks whose tokens are all known are published to the prefix cache under
+        the request's key (the rest follow at the next step or finish)."""
+        bm = self.block_manager
+        for i, item in enumerate(output.scheduled):
+            seq = item.seq
+            emitted = (1 if item.samples else 0) if num_tokens is None else int(num_tokens[i])
+            seq.num_computed_tokens += item.num_new_tokens + max(emitted - 1, 0)
+            if item.num_spec_tokens:  # blocks reserved for rejected proposals
+                keep = -(-(seq.num_computed_tokens + 1) // bm.block_size)
+                bm.free(seq.block_ids[keep:])
+                del seq.block_ids[keep:]
             if seq.status is SequenceStatus.RUNNING:
-                self.block_manager.cache_full_blocks(seq.token_ids, seq.block_ids,
-                                                     seq.num_computed_tokens, seq.block_hashes,
-                                                     extra_key=seq.request.prefix_cache_key)
+                bm.cache_full_blocks(seq.token_ids, seq.block_ids, seq.num_computed_tokens, seq.block_hashes,
+                                     extra_key=seq.request.prefix_cache_key)

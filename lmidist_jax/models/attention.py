@@ -46,19 +46,21 @@ def _paged_attention_local(q, k_pages, v_pages, md: StepMetadata, *, scale: floa
     if relative_bias is not None:  # only the XLA paths take it (the engine picks xla for T5)
         kwargs["relative_bias"] = relative_bias
     block_size = k_pages.shape[2]
+    if md.decode_only:
+        # Every token a decode query. A verify step's k+1 queries of a sequence are tiled
+        # as a decode step of its sequences is, so each gets exactly the plain decode
+        # step's result: greedy verification then accepts what plain decoding would emit.
+        block_tables, seq_lens = md.decode_queries(block_size)
+        decode = (xla_attention.paged_decode_attention_xla if md.backend == "xla" else
+                  functools.partial(pallas_kernels.paged_decode_attention, backend=md.backend))
+        return decode(q, k_pages, v_pages, block_tables, seq_lens, num_seqs=md.block_tables.shape[0], **kwargs)
     if md.backend == "xla":
         # The tiled XLA path (its cost follows the live context); the reference it
-        # matches stays the kernels' oracle.
-        if md.decode_only:
-            return xla_attention.paged_decode_attention_xla(
-                q, k_pages, v_pages, md.block_tables, md.seq_lens, **kwargs)
-        # Padding tokens write into trash block 0, which no sequence owns.
+        # matches stays the kernels' oracle. Padding tokens write into trash block 0,
+        # which no sequence owns.
         return xla_attention.paged_attention_xla(
             q, k_pages, v_pages, md.block_tables, md.token_seq_ids, md.positions,
             is_padding=md.slot_mapping < block_size, **kwargs)
-    if md.decode_only:
-        return pallas_kernels.paged_decode_attention(
-            q, k_pages, v_pages, md.block_tables, md.seq_lens, backend=md.backend, **kwargs)
     return pallas_kernels.paged_attention(
         q, k_pages, v_pages, md.block_tables, md.token_seq_ids, md.positions,
         backend=md.backend, **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -25,16 +26,40 @@ class StepMetadata:
     block_tables: jax.Array    # [S, W] int32
     seq_lens: jax.Array        # [S] int32 context length after this step (0 for padding)
     logits_indices: jax.Array  # [S] int32 token index whose logits each sequence samples from
+    #                            (a verify row: its last known token; its proposals follow it)
     # [T] int32 LoRA adapter slot of each token (0 = none); None when LoRA is off.
     lora_slots: jax.Array | None = None
     # Encoder-decoder models (T5): each sequence's cross-attention K/V blocks (its second
     # block table) and its encoder length; None for decoder-only models.
     cross_block_tables: jax.Array | None = None  # [S, W] int32
     cross_lens: jax.Array | None = None          # [S] int32 (0 for padding)
-    # Static: every sequence has exactly one new token at position seq_len - 1 and
-    # tokens are ordered like sequences (T == S). Selects the decode kernel.
+    # Static: every token is a decode query, attending through the decode kernel to its
+    # sequence's keys up to its own position: a step of decode rows only (one token per
+    # sequence, T == S, or a verify step: a sequence's last token and its draft's
+    # proposals, each its own query). Steps with a prefill chunk run the mixed kernel.
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
     backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
+
+    def decode_queries(self, block_size: int):
+        """(block_tables [T, W], context lengths [T]) of each token as its own decode query:
+        its sequence's table and its position + 1 (0 for padding, which writes into
+        trash block 0). For one token per sequence, the rows' own tables and seq_lens."""
+        is_padding = self.slot_mapping < block_size
+        return self.block_tables[self.token_seq_ids], jnp.where(is_padding, 0, self.positions + 1)
+
+    def decode_step(self, token_index, seq_lens, active, block_size: int) -> "StepMetadata":
+        """The metadata of one decode token per row, computed on the device: row i's token
+        sits at position seq_lens[i] - 1 and writes its K/V there (``active`` False: a
+        padding row, writing into trash block 0). For the loops inside a step (several
+        decode steps; the draft's proposals). ``token_index`` [S]: the token of this
+        step each row continues (its LoRA slot carries over)."""
+        rows = jnp.arange(seq_lens.shape[0], dtype=jnp.int32)
+        positions = jnp.maximum(seq_lens - 1, 0)
+        blocks = jnp.take_along_axis(self.block_tables, (positions // block_size)[:, None], axis=1)[:, 0]
+        return dataclasses.replace(
+            self, positions=positions, seq_lens=jnp.where(active, seq_lens, 0), token_seq_ids=rows,
+            slot_mapping=jnp.where(active, blocks * block_size + positions % block_size, 0), logits_indices=rows,
+            lora_slots=None if self.lora_slots is None else self.lora_slots[token_index], decode_only=True)
 
 
 class StepMetadataBuilder:
@@ -55,9 +80,11 @@ class StepMetadataBuilder:
         self.logits_indices = np.zeros(num_seqs, np.int32)
         self.num_tokens = 0  # tokens filled so far
 
-    def add_sequence(self, row: int, block_ids, start: int, count: int) -> slice:
+    def add_sequence(self, row: int, block_ids, start: int, count: int, num_proposals: int = 0) -> slice:
         """Sequence ``row`` computes positions start .. start + count - 1 (its KV blocks
-        are ``block_ids``); returns the slice of this step's tokens it occupies."""
+        are ``block_ids``); returns the slice of this step's tokens it occupies. The last
+        ``num_proposals`` of them are draft proposals, filled in on the device: the row
+        samples after its last known token."""
         t, bs = self.num_tokens, self.block_size
         pos = np.arange(start, start + count, dtype=np.int32)
         blocks = np.asarray(block_ids, np.int32)
@@ -66,7 +93,7 @@ class StepMetadataBuilder:
         self.token_seq_ids[t:t + count] = row
         self.block_tables[row, :len(blocks)] = blocks
         self.seq_lens[row] = start + count
-        self.logits_indices[row] = t + count - 1
+        self.logits_indices[row] = t + count - 1 - num_proposals
         self.num_tokens = t + count
         return slice(t, t + count)
 
