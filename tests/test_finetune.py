@@ -1,8 +1,9 @@
 """LoRA fine-tuning on the serving modules (lmidist_jax.finetune): the loss falls and is
 reproducible for a seed; the written PEFT adapter loads in transformers + PEFT with the
 logits of our training forward (families with GQA + fused q/k/v, sliding windows + soft
-caps, learned positions + Conv1D weights, ALiBi) and in our engine with PEFT's greedy
-tokens; chat data learn the assistant's tokens only; bad arguments are refused by name."""
+caps, learned positions + Conv1D weights; ALiBi in the attention test) and in our engine
+with PEFT's greedy tokens; chat data learn the assistant's tokens only; bad arguments are
+refused by name."""
 
 from __future__ import annotations
 
@@ -41,9 +42,8 @@ CASES = {
     "gemma2": dict(rank=8, alpha=4, targets=("o_proj", "gate_proj", "up_proj"), layers=[2]),
     # learned positions, Conv1D [in, out] weights, tied head; two modules named c_proj (attn, mlp).
     "gpt2": dict(rank=4, alpha=16, targets=("c_proj", "c_fc")),
-    # ALiBi, embedding LayerNorm.
-    "bloom": dict(rank=2, alpha=2, targets=("dense", "dense_4h_to_h")),
 }
+TRAIN = dict(steps=12, learning_rate=3e-2, batch_size=4, seed=1, progress=False)
 
 _RUNS: dict = {}
 
@@ -55,8 +55,7 @@ def trained(family, tmp_path_factory):
         hf = make_model(root / "base", family)
         llm = LLM(str(root / "base"), **ENGINE)
         data = token_data(8, prompt_len=14, completion_len=10) if family == "gemma2" else token_data(8)
-        run = train_lora(llm, data, steps=6, learning_rate=2e-2, batch_size=4, seed=1,
-                         output_dir=root / "adapter", progress=False, **CASES[family])
+        run = train_lora(llm, data, output_dir=root / "adapter", **TRAIN, **CASES[family])
         _RUNS[family] = hf, llm, data, run
     return _RUNS[family]
 
@@ -69,21 +68,16 @@ def llama_run(tmp_path_factory):
 def test_loss_falls_and_is_reproducible(llama_run, tmp_path):
     hf, llm, data, run = llama_run
     losses = run.losses
-    assert len(losses) == 6 and all(np.isfinite(losses))
-    # Longer training of the same adapter: the loss falls well below where it started.
-    longer = train_lora(llm, data, steps=30, learning_rate=2e-2, batch_size=4, seed=1, output_dir=tmp_path / "a",
-                        progress=False, **CASES["llama"])
-    assert longer.losses[:6] != losses  # another schedule (30 steps) from the same start
-    assert np.mean(longer.losses[-5:]) < np.mean(longer.losses[:5]) - 0.3, longer.losses
-    again = train_lora(llm, data, steps=6, learning_rate=2e-2, batch_size=4, seed=1, output_dir=tmp_path / "b",
-                       progress=False, **CASES["llama"])
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, losses
+    assert run.num_step_traces == 1  # one compiled step for the whole run
+    again = train_lora(llm, data, output_dir=tmp_path / "again", **TRAIN, **CASES["llama"])
     assert again.losses == losses
     from safetensors.numpy import load_file
 
     first, second = (load_file(str(d / "adapter_model.safetensors")) for d in (run.adapter_dir, again.adapter_dir))
     assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
-    other_seed = train_lora(llm, data, steps=6, learning_rate=2e-2, batch_size=4, seed=2,
-                            output_dir=tmp_path / "c", progress=False, **CASES["llama"])
+    other_seed = train_lora(llm, data, output_dir=tmp_path / "other", **{**TRAIN, "seed": 2}, **CASES["llama"])
     assert other_seed.losses != losses
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from .. import parallel
 from ..models.loader import LoadedModel, variables
 from ..models.lora_linear import LoraA, LoraB, base_linear_kind, lora_b_name, lora_modules, with_lora
 from ..models.peft_adapter import AdapterTarget, adapter_targets, write_adapter
@@ -47,6 +48,7 @@ class LoraTrainResult:
     alpha: float
     target_modules: tuple[str, ...]  # the checkpoint modules adapted
     model: LoadedModel = dataclasses.field(repr=False)  # LoRA kind, the adapter in slot TRAIN_SLOT
+    num_step_traces: int = 1  # times the train step was traced (compiled): once per run
     _forward: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def logits(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -98,7 +100,8 @@ def _loss(trainable, frozen, token_ids, md, target_index, target_ids, target_wei
 
 def train_step(trainable, opt_state, frozen, batch: Batch, md: StepMetadata, *, graphdef, optimizer, scaling):
     """One optimizer step on one padded batch; returns (trainable, opt_state, loss).
-    ``train_lora`` jits it with the keyword arguments bound (a GraphDef is not hashable)."""
+    ``train_lora`` jits it with the keyword arguments bound (a GraphDef is not hashable)
+    and the step's state placed once, so that every step runs one compiled program."""
     loss, grads = jax.value_and_grad(_loss)(trainable, frozen, batch.token_ids, md, batch.target_index,
                                             batch.target_ids, batch.target_weights, graphdef=graphdef,
                                             scaling=scaling)
@@ -175,10 +178,21 @@ def train_lora(llm, data: Sequence[Any], *, rank: int = 8, alpha: float = 16,
     scaling = float(alpha) / rank
     warmup = max(steps // 10, 0) if warmup_steps is None else warmup_steps
     optimizer = make_optimizer(learning_rate, steps, warmup, weight_decay, max_grad_norm)
-    trainable = (a_state, b_state)
-    opt_state = optimizer.init(trainable)
+    # One placement for the state the step updates, in and out: the arrays come from
+    # several placements (logical axes on a mesh of one device), and jit compiles anew for
+    # every combination it sees.
+    replicated = parallel.replicated(model.mesh)
+    trainable = jax.device_put((a_state, b_state), replicated)
+    opt_state = jax.device_put(optimizer.init(trainable), replicated)
     order = batch_order(len(examples), batch_size, steps, seed)
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, scaling=scaling))
+    num_traces = 0
+
+    def traced_step(*args):
+        nonlocal num_traces
+        num_traces += 1  # Python runs only while JAX traces: counts compilations
+        return train_step(*args, graphdef=graphdef, optimizer=optimizer, scaling=scaling)
+
+    step = jax.jit(traced_step, out_shardings=(replicated, replicated, replicated))
 
     from tqdm.auto import tqdm
 
@@ -203,7 +217,8 @@ def train_lora(llm, data: Sequence[Any], *, rank: int = 8, alpha: float = 16,
     served = nnx.merge(graphdef, a_state, b_scaled, frozen)
     graphdef, state = nnx.split(served)
     trained = LoadedModel(model.spec, graphdef, state, model.dtype, model.mesh, source_spec=model.source_spec)
-    return LoraTrainResult(directory, losses, rank, float(alpha), tuple(t.module for t in found), trained)
+    return LoraTrainResult(directory, losses, rank, float(alpha), tuple(t.module for t in found), trained,
+                           num_traces)
 
 
 def _round_up(n: int, multiple: int) -> int:
