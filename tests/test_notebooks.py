@@ -3,9 +3,10 @@ fails the test.
 
 A notebook's cell tagged "parameters" holds its knobs; ``SUITE_PARAMETERS`` overrides some
 here (a cell injected after it, as papermill does) to keep the suite's time small, with
-values under which the notebook's assertions still hold. Times on an idle 2-core CPU, warm
-compilation cache: quickstart ~1 min, LoRA fine-tuning ~2 min (its 30 training steps cut
-to 20), benchmarks ~15 s."""
+values under which the notebook's assertions still hold (seeded, so the run is the same
+every time). Cost on the shared 2-core CPU: 02_lora_finetune ~210 CPU-seconds with its 30
+training steps cut to 20 (6 min wall at load average ~6, about 2 min alone), of which the
+training ~150; 03_benchmarks ~15 s (it only reads JSON)."""
 
 import pathlib
 

@@ -231,7 +231,6 @@ def read_adapter(name: str, path: str | os.PathLike, *, spec, modules: dict[tupl
                        tuple(sorted(pairs)), deltas)
 
 
-
 # ---------------------------------------------------------------------------------------
 # Writing: the reader's placement run backwards
 # ---------------------------------------------------------------------------------------
@@ -341,9 +340,9 @@ def write_adapter(directory: str | os.PathLike, targets: list[AdapterTarget], a:
         tensors[f"base_model.model.{t.module}.lora_B.weight"] = peft_b.reshape(t.out_features, rank)  # [out, r]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank), "lora_alpha": float(lora_alpha),
               "target_modules": sorted(set(target_modules)), "base_model_name_or_path": base_model_name_or_path,
-              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": any(t.fan_in_fan_out for t in targets),
-              "use_rslora": False,
-              "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+              "fan_in_fan_out": any(t.fan_in_fan_out for t in targets), "lora_dropout": 0.0, "bias": "none",
+              "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+              "inference_mode": True,
               "layers_to_transform": None if layers_to_transform is None else sorted(layers_to_transform)}
     safetensors.numpy.save_file(tensors, str(directory / WEIGHT_FILES[0]), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
