@@ -163,6 +163,7 @@ def test_bad_arguments_are_refused(llama_run, tmp_path):
            (dict(rank=0), "rank=0 is not valid: accepted an integer >= 1"),
            (dict(rank=2.5), "rank=2.5 is not valid"),
            (dict(rank=33), r"rank=33 is larger than model.layers.0.self_attn.v_proj \(64 inputs, 32 outputs\)"),
+           (dict(rank=16), r"rank=16 is above this engine's max_lora_rank=8: it could not serve the adapter"),
            (dict(alpha=0), "alpha=0 is not valid: accepted a finite number > 0"),
            (dict(steps=0), "steps=0 is not valid"),
            (dict(learning_rate=float("nan")), "learning_rate=nan is not valid"),

@@ -172,6 +172,10 @@ def train_lora(llm, data: Sequence[Any], *, rank: int = 8, alpha: float = 16,
         t = too_small[0]
         raise ValueError(f"rank={rank} is larger than {t.module} ({t.in_features} inputs, {t.out_features} "
                          f"outputs) allows: a LoRA's rank is at most min(inputs, outputs)")
+    lora = getattr(engine, "lora", None)
+    if lora is not None and rank > lora.max_rank:
+        raise ValueError(f"rank={rank} is above this engine's max_lora_rank={lora.max_rank}: it could not serve the "
+                         f"adapter; lower the rank or build the LLM with max_lora_rank >= {rank}")
     _init_adapter(model, found, seed)
 
     graphdef, a_state, b_state, frozen = nnx.split(model.module(), LoraA, LoraB, ...)
