@@ -4,9 +4,9 @@ fails the test.
 A notebook's cell tagged "parameters" holds its knobs; ``SUITE_PARAMETERS`` overrides some
 here (a cell injected after it, as papermill does) to keep the suite's time small, with
 values under which the notebook's assertions still hold (seeded, so the run is the same
-every time). Cost on the shared 2-core CPU: 02_lora_finetune ~210 CPU-seconds with its 30
-training steps cut to 20 (6 min wall at load average ~6, about 2 min alone), of which the
-training ~150; 03_benchmarks ~15 s (it only reads JSON)."""
+every time). Measured on the shared 2-core CPU (load average 4-6 from other work), warm
+compilation cache: 02_lora_finetune 3.5-6 min wall, ~200 CPU-seconds, 80% of it the
+training (its 30 steps cut to 20 here); 03_benchmarks ~8 s (it only reads JSON)."""
 
 import pathlib
 
