@@ -138,12 +138,17 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, token_seq_ids, positi
     return out.reshape(num_tiles * tile, num_heads, head_dim)[:num_tokens]
 
 
-def packed_bidirectional_attention(q, k, v, token_seq_ids, positions, is_padding, *, scale: float,
-                                   relative_bias=None, query_tile: int = QUERY_TILE):
-    """Non-causal attention among a step's own tokens, with no cache (an encoder): each
-    token sees every non-padding token of its own sequence. q [T, H, D], k, v [T, K, D],
-    token_seq_ids / positions [T] int32, is_padding [T] bool. Queries go in tiles of
-    ``query_tile`` so the scores take [tile, H, T] at a time. Returns [T, H, D] in q's dtype."""
+def packed_attention(q, k, v, token_seq_ids, positions, is_padding, *, scale: float, causal: bool,
+                     sliding_window=None, soft_cap=None, alibi_slopes=None, relative_bias=None,
+                     query_tile: int = QUERY_TILE):
+    """Attention among a step's own tokens, with no cache: each token sees the non-padding
+    tokens of its own sequence, all of them (``causal=False``: an encoder) or those at its
+    position and before (``causal=True``: a training forward over a padded batch), under
+    the same masks, soft cap and biases as the paged paths (``online_softmax_update``).
+    q [T, H, D], k, v [T, K, D], token_seq_ids / positions [T] int32, is_padding [T] bool.
+    Queries go in tiles of ``query_tile`` so the scores take [tile, H, T] at a time; the
+    tile count is static, so reverse-mode autodiff goes through (the paged paths' loops
+    have run-time trip counts). Returns [T, H, D] in q's dtype."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
@@ -154,6 +159,7 @@ def packed_bidirectional_attention(q, k, v, token_seq_ids, positions, is_padding
     seq_tiles = jnp.pad(token_seq_ids, (0, extra), constant_values=-1).reshape(num_tiles, tile)
     pos_tiles = jnp.pad(positions, (0, extra)).reshape(num_tiles, tile)
     keys, values = k.astype(jnp.float32), v.astype(jnp.float32)
+    slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32).reshape(num_kv_heads, group)
 
     def one_tile(xs):
         q_tile, seq_ids, pos = xs
@@ -163,9 +169,17 @@ def packed_bidirectional_attention(q, k, v, token_seq_ids, positions, is_padding
         rel = jnp.where(visible, positions[None, :] - pos[:, None], NOT_VISIBLE)
         _, l, acc = online_softmax_update(
             online_softmax_init(tile, num_kv_heads, group, head_dim), s, rel,
-            lambda p: jnp.einsum("tkgj,jkd->tkgd", p, values), relative_bias=relative_bias, causal=False)
+            lambda p: jnp.einsum("tkgj,jkd->tkgd", p, values), sliding_window=sliding_window,
+            soft_cap=soft_cap, slopes=slopes, relative_bias=relative_bias, causal=causal)
         out = acc / jnp.maximum(l, 1e-30)[..., None]
         return out.reshape(tile, num_heads, head_dim).astype(q.dtype)
 
     out = jax.lax.map(one_tile, (q_tiles, seq_tiles, pos_tiles))
     return out.reshape(num_tiles * tile, num_heads, head_dim)[:num_tokens]
+
+
+def packed_bidirectional_attention(q, k, v, token_seq_ids, positions, is_padding, *, scale: float,
+                                   relative_bias=None, query_tile: int = QUERY_TILE):
+    """The encoder's case of :func:`packed_attention` (``causal=False``)."""
+    return packed_attention(q, k, v, token_seq_ids, positions, is_padding, scale=scale, causal=False,
+                            relative_bias=relative_bias, query_tile=query_tile)

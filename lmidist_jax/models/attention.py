@@ -81,9 +81,12 @@ def paged_cross_attention(q, k_pages, v_pages, md: StepMetadata, *, mesh: Mesh |
     return paged_attention(q, k_pages, v_pages, cross_md, mesh=mesh, scale=scale)
 
 
-def encoder_attention(q, k, v, md: StepMetadata, *, scale: float, relative_bias=None):
-    """Bidirectional attention among the step's own tokens (an encoder pass: no cache).
-    In an encoder step's metadata, padding tokens have token_seq_ids -1: none sees them."""
-    return xla_attention.packed_bidirectional_attention(
-        q, k, v, md.token_seq_ids, md.positions, md.token_seq_ids < 0, scale=scale,
-        relative_bias=relative_bias)
+def attention_without_cache(q, k, v, md: StepMetadata, *, scale: float, sliding_window=None, soft_cap=None,
+                            alibi_slopes=None, relative_bias=None):
+    """Attention among the step's own tokens, with no cache: causal when
+    ``md.dense_causal`` (a training forward over a padded batch: differentiable, with the
+    layer's window, soft cap and ALiBi), else bidirectional (an encoder pass). Padding
+    tokens have token_seq_ids -1: none sees them."""
+    return xla_attention.packed_attention(
+        q, k, v, md.token_seq_ids, md.positions, md.token_seq_ids < 0, scale=scale, causal=md.dense_causal,
+        sliding_window=sliding_window, soft_cap=soft_cap, alibi_slopes=alibi_slopes, relative_bias=relative_bias)

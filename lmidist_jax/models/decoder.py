@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from pallas_kernels.reference import RelativeBias
 
 from ..parallel import TP_AXIS
-from .attention import encoder_attention, paged_attention, paged_cross_attention, write_kv
+from .attention import attention_without_cache, paged_attention, paged_cross_attention, write_kv
 from pallas_kernels import fused_ops
 
 from .layers import Embedding, Norm, fused_ops_mode, make_mlp
@@ -42,8 +42,9 @@ def qkv_linear_spec(spec: ModelSpec, layer: int) -> LinearSpec:
 
 
 class Attention(nnx.Module):
-    """Self-attention. With a KV cache: causal, over the paged cache. Without one (an
-    encoder pass): bidirectional among the step's own tokens of each sequence."""
+    """Self-attention. With a KV cache: causal, over the paged cache. Without one: among the
+    step's own tokens of each sequence, bidirectional (an encoder pass) or causal (a
+    training forward, ``md.dense_causal``)."""
 
     def __init__(self, spec: ModelSpec, layer: int, make_linear, mesh: Mesh | None, dtype):
         self.spec = spec
@@ -92,8 +93,10 @@ class Attention(nnx.Module):
         if self.rope is not None:
             emb, (cos, sin) = rotary[self.rope]
             q, k = emb.apply(q, cos, sin), emb.apply(k, cos, sin)
-        if kv_cache is None:  # an encoder pass
-            out = encoder_attention(q, k, v, md, scale=self.scale, relative_bias=relative_bias)
+        if kv_cache is None:  # an encoder pass, or a training forward (md.dense_causal)
+            out = attention_without_cache(q, k, v, md, scale=self.scale, sliding_window=self.sliding_window,
+                                          soft_cap=spec.attn_logit_softcap, alibi_slopes=alibi_slopes,
+                                          relative_bias=relative_bias)
             return self.o_proj(out.reshape(num_tokens, spec.q_size), md), None
         k_pages, v_pages = write_kv(*kv_cache, k, v, md)
         return self._paged_attention(q, k_pages, v_pages, md, alibi_slopes, relative_bias)

@@ -29,7 +29,7 @@ def fused_ops_mode(md) -> str | None:
     mode = os.environ.get("LMIDIST_FUSED_OPS", "auto")
     if mode not in FUSED_OPS_MODES:
         raise ValueError(f"LMIDIST_FUSED_OPS={mode!r} is not valid; accepted: {', '.join(FUSED_OPS_MODES)}")
-    if mode == "off":
+    if mode == "off" or getattr(md, "dense_causal", False):  # a training forward: plain XLA (differentiable)
         return None
     if mode == "interpret":
         return "interpret"

@@ -61,11 +61,13 @@ class LinearSpec:
         return math.prod(self.out_shape)
 
 
-def param(shape, dtype, axes: tuple[str | None, ...], **metadata) -> nnx.Param:
+def param(shape, dtype, axes: tuple[str | None, ...], *, kind: type[nnx.Param] = nnx.Param,
+          **metadata) -> nnx.Param:
     """A parameter with logical axes. Values are placeholders: the model is built under
-    ``nnx.eval_shape`` and filled from a checkpoint (or random init)."""
+    ``nnx.eval_shape`` and filled from a checkpoint (or random init). ``kind``: the
+    variable type (an ``nnx.Param`` subclass lets a filter pick, e.g., LoRA matrices)."""
     assert len(shape) == len(axes), (shape, axes)
-    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes, **metadata)
+    return kind(jnp.zeros(shape, dtype), logical_axes=axes, **metadata)
 
 
 class DenseLinear(nnx.Module):

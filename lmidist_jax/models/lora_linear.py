@@ -11,6 +11,9 @@ Token t uses slot ``md.lora_slots[t]``. A fused projection's delta is built part
 part and concatenated like its kernel, so a LoRA on q only adds into the q part. The
 adapters are model state: swapping one is a write into a slot, never a recompilation.
 
+A and B are variables of their own types (``LoraA``, ``LoraB``, both ``LoraParam``), so
+fine-tuning selects its trainable state by type (``nnx.split(model, LoraA, LoraB, ...)``).
+
 Under tensor parallelism A takes the kernel's input axis (replicated for a
 column-parallel kernel; sharded with the input for a row-parallel one, where XLA sums
 the rank-R partial products across devices) and B takes the kernel's output axes.
@@ -22,12 +25,25 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
+from flax import nnx
 
 from pallas_kernels.lora import lora_expand, lora_shrink
 from .linear import LINEAR_KINDS, LinearSpec, param
 
 # Roles that carry adapters (lm_head, project_in/out do not).
 LORA_ROLES = ("qkv", "o", "gate_up", "up", "down")
+
+
+class LoraParam(nnx.Param):
+    """A LoRA adapter matrix (the base model's weights are plain ``nnx.Param``)."""
+
+
+class LoraA(LoraParam):
+    """The shrink matrices A [S, in, P, R]."""
+
+
+class LoraB(LoraParam):
+    """The expand matrices B [S, R, *dims] (the alpha / r scaling folded in when serving)."""
 
 
 def lora_parts(spec: LinearSpec) -> tuple[tuple[str | None, tuple[int, ...]], ...]:
@@ -49,10 +65,10 @@ class LoraMixin:
         self.lora_part_names = tuple(p for p, _ in lora_parts(spec))
         num_parts = len(self.lora_part_names)
         self.lora_a = param((num_slots, spec.in_features, num_parts, max_rank), dtype,
-                            (None, spec.axes[0], None, None), lora=True)
+                            (None, spec.axes[0], None, None), kind=LoraA, lora=True)
         for part, dims in lora_parts(spec):
             setattr(self, lora_b_name(part), param((num_slots, max_rank, *dims), dtype,
-                                                   (None, None, *spec.axes[1:]), lora=True))
+                                                   (None, None, *spec.axes[1:]), kind=LoraB, lora=True))
 
     def _add_lora(self, y, x, md):
         """The base output ``y`` [T, *out] plus each token's adapter delta."""
@@ -74,6 +90,12 @@ class LoraMixin:
 
 
 _LORA_CLASSES: dict[type, type] = {}
+_BASE_KIND: dict[str, str] = {}  # LoRA kind name -> the base kind it wraps
+
+
+def base_linear_kind(kind: str) -> str:
+    """The base kind under a LoRA kind (``kind`` itself when it carries no LoRA)."""
+    return _BASE_KIND.get(kind, kind)
 
 
 def _lora_class(base: type) -> type:
@@ -93,6 +115,7 @@ def lora_linear_kind(base_kind: str, num_slots: int, max_rank: int) -> str:
     ``num_slots`` slots of rank ``max_rank``" in ``LINEAR_KINDS``. ``base_kind`` may be a
     class or a factory (quantized kinds): its module is built as usual, then given the
     adapter slots."""
+    base_kind = base_linear_kind(base_kind)
     name = f"lora{num_slots}x{max_rank}:{base_kind}"
     if name not in LINEAR_KINDS:
         try:
@@ -108,13 +131,15 @@ def lora_linear_kind(base_kind: str, num_slots: int, max_rank: int) -> str:
                 module._init_lora(spec, dtype, num_slots, max_rank)
             return module
         LINEAR_KINDS[name] = make
+        _BASE_KIND[name] = base_kind
     return name
 
 
 def with_lora(model, num_slots: int, max_rank: int, max_model_len: int | None = None):
     """The loaded model rebuilt with the LoRA kind: the base parameters are the same
-    arrays (same paths), the adapter slots zeros on the mesh. ``max_model_len``: as the
-    model was loaded with (its rotary tables depend on it)."""
+    arrays (same paths), the adapter slots zeros on the mesh. ``model`` may itself carry
+    LoRA slots (an engine's): only its base parameters are taken. ``max_model_len``: as
+    the model was loaded with (its rotary tables depend on it)."""
     import jax
 
     from .loader import LoadedModel, abstract_model, param_sharding, variables
@@ -123,13 +148,13 @@ def with_lora(model, num_slots: int, max_rank: int, max_model_len: int | None = 
     spec = dataclasses.replace(model.spec, linear_kind=kind)
     source_spec = dataclasses.replace(model.source_spec, linear_kind=kind)
     graphdef, state = abstract_model(spec, model.dtype, max_model_len, model.mesh)
-    base_vars = variables(model.state)
+    base_vars = {path: var for path, var in variables(model.state).items() if not isinstance(var, LoraParam)}
     zeros = {}
     for path, var in variables(state).items():
         if path in base_vars:
             var.set_value(base_vars[path][...])
             continue
-        if not var.get_metadata().get("lora"):
+        if not isinstance(var, LoraParam):
             raise ValueError(f"{'.'.join(map(str, path))} is neither a base parameter nor a LoRA slot")
         sharding = param_sharding(var, model.mesh)
         key = (tuple(var.shape), jnp.dtype(var.dtype).name, sharding)

@@ -1,5 +1,6 @@
 """PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors`` or
-``.bin``) read and laid onto the LoRA slots of a loaded model, on the host.
+``.bin``) read and laid onto the LoRA slots of a loaded model, on the host, and written
+from trained matrices (``adapter_targets`` + ``write_adapter``, the reader's inverse).
 
 A PEFT module name (``model.layers.3.self_attn.q_proj``) is placed through the model
 family's own weight map, fed the adapter's B matrix as if it were that module's
@@ -229,3 +230,120 @@ def read_adapter(name: str, path: str | os.PathLike, *, spec, modules: dict[tupl
     return LoraAdapter(name, str(directory), max_seen, float(config.get("lora_alpha", 8)), use_rslora,
                        tuple(sorted(pairs)), deltas)
 
+
+# ---------------------------------------------------------------------------------------
+# Writing: the reader's placement run backwards
+# ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AdapterTarget:
+    """One checkpoint module an adapter adapts, and where its matrices sit in the model."""
+
+    module: str                # checkpoint module name ("model.layers.0.self_attn.q_proj")
+    path: tuple                # the model's LoRA-carrying projection
+    part: str | None           # its fused part (q of q/k/v), None when unfused
+    part_index: int            # index of that part in the projection's lora_a
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool       # the checkpoint stores the weight [in, out] (GPT-2's Conv1D)
+    # [r, *dims] int: the flat index in PEFT's lora_B [out, r] of each element of the
+    # model's B part (what the reader does to lora_B, as an index map).
+    b_index: np.ndarray
+
+
+def adapter_targets(spec, checkpoint_shapes: dict[str, tuple[int, ...]], targets, *,
+                    modules: dict[tuple, LoraModule], rank: int) -> list[AdapterTarget]:
+    """The checkpoint modules whose name ends in one of ``targets`` (PEFT's
+    ``target_modules`` rule), each placed in the model through the family's weight map as
+    ``read_adapter`` places it. ``checkpoint_shapes``: tensor name -> shape of the base
+    checkpoint. Raises AdapterError naming a target that matches nothing or cannot carry a
+    LoRA, and listing the ones that can."""
+    from .families import map_checkpoint
+
+    targets = tuple(targets)
+
+    def family_map(spec_, array):
+        return map_checkpoint(spec_, [(f"{family_map.module}.weight", array)])
+
+    found: list[AdapterTarget] = []
+    available: set[str] = set()   # suffixes of modules that can carry a LoRA
+    matched: dict[str, list[str]] = {t: [] for t in targets}
+    for name, shape in sorted(checkpoint_shapes.items(), key=lambda kv: _natural(kv[0])):
+        if not name.endswith(".weight") or len(shape) != 2:
+            continue
+        module = name[:-len(".weight")]
+        suffix = module.rsplit(".", 1)[-1]
+        family_map.module = module
+        placed = None
+        for out, inp in dict.fromkeys(((shape[0], shape[1]), (shape[1], shape[0]))):
+            index = np.arange(out * rank, dtype=np.int64).reshape(out, rank)
+            try:
+                candidate = _place(spec, index, family_map)
+            except (AdapterError, ValueError):
+                candidate = None
+            if candidate and all(modules.get(p[:-1]) is not None and p[-1] == "kernel"
+                                 and modules[p[:-1]].in_features == inp for p, _, _ in candidate):
+                placed = (candidate, out, inp)
+                break
+        if placed is None:
+            continue
+        available.add(suffix)
+        if suffix not in matched:
+            continue
+        candidate, out, inp = placed
+        if len(candidate) != 1:
+            parts = ", ".join(str(part) for _, part, _ in candidate)
+            raise AdapterError(f"target {suffix!r}: {module} is a fused checkpoint module (parts {parts} in one "
+                               f"tensor); PEFT gives it one A shared by its parts, which training here does not "
+                               f"support: target another module")
+        (param_path, part, b_part), = candidate
+        info = modules[param_path[:-1]]
+        part_names = [p for p, _ in info.parts]
+        dims = info.parts[part_names.index(part)][1]
+        b_index = _fit_part(b_part, dims)
+        if (b_index is None or not np.issubdtype(b_index.dtype, np.integer)
+                or not np.array_equal(np.sort(b_index.ravel()), np.arange(out * rank))):
+            raise AdapterError(f"target {suffix!r}: the {spec.architecture} weight map transforms {module}'s "
+                               f"values (not only their layout), so an adapter for it cannot be written back")
+        matched[suffix].append(module)
+        fan_in_fan_out = tuple(shape) == (inp, out) and inp != out
+        found.append(AdapterTarget(module, param_path[:-1], part, part_names.index(part), inp, out, fan_in_fan_out,
+                                   b_index))
+    missing = [t for t, names in matched.items() if not names]
+    if missing:
+        raise AdapterError(f"target module(s) {', '.join(map(repr, missing))} not found among the model's "
+                           f"LoRA-capable modules; accepted: {', '.join(sorted(available)) or 'none'}")
+    return found
+
+
+def _natural(name: str):
+    """Sort key putting layer 2 before layer 10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def write_adapter(directory: str | os.PathLike, targets: list[AdapterTarget], a: dict[str, np.ndarray],
+                  b: dict[str, np.ndarray], *, rank: int, lora_alpha: float, base_model_name_or_path: str,
+                  target_modules, layers_to_transform=None) -> Path:
+    """Writes a PEFT LoRA adapter directory. ``a[module]``: [in, r]; ``b[module]``: the
+    model's B part [r, *dims] WITHOUT the alpha / r scaling (PEFT applies it on load).
+    ``layers_to_transform``: PEFT's, when only some layers are adapted. Returns the directory."""
+    import safetensors.numpy
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for t in targets:
+        peft_b = np.zeros(t.out_features * rank, np.float32)
+        peft_b[t.b_index.ravel()] = np.asarray(b[t.module], np.float32).ravel()
+        tensors[f"base_model.model.{t.module}.lora_A.weight"] = np.ascontiguousarray(
+            np.asarray(a[t.module], np.float32).T)                         # [r, in]
+        tensors[f"base_model.model.{t.module}.lora_B.weight"] = peft_b.reshape(t.out_features, rank)  # [out, r]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank), "lora_alpha": float(lora_alpha),
+              "target_modules": sorted(set(target_modules)), "base_model_name_or_path": base_model_name_or_path,
+              "fan_in_fan_out": any(t.fan_in_fan_out for t in targets), "lora_dropout": 0.0, "bias": "none",
+              "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+              "inference_mode": True,
+              "layers_to_transform": None if layers_to_transform is None else sorted(layers_to_transform)}
+    safetensors.numpy.save_file(tensors, str(directory / WEIGHT_FILES[0]), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
