@@ -44,27 +44,6 @@ class StepMetadata:
     # `padded_batch_metadata`) or bidirectionally (False: an encoder pass).
     dense_causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
-
-def padded_batch_metadata(lengths, seq_len: int, lora_slot: int | None = None) -> StepMetadata:
-    """The metadata of a padded batch [B, seq_len] of whole sequences flattened to
-    T = B * seq_len tokens (row b holds its ``lengths[b]`` tokens first, then padding),
-    for a forward with no cache and dense causal attention (a training forward). Padding
-    tokens have token_seq_ids -1 (no token sees them). ``lora_slot``: every token uses
-    that adapter slot; None: no LoRA."""
-    lengths = np.asarray(lengths, np.int32)
-    num_seqs = len(lengths)
-    if np.any(lengths < 1) or np.any(lengths > seq_len):
-        raise ValueError(f"sequence lengths must lie in 1..{seq_len}, got {lengths.tolist()}")
-    positions = np.tile(np.arange(seq_len, dtype=np.int32), num_seqs)
-    rows = np.repeat(np.arange(num_seqs, dtype=np.int32), seq_len)
-    token_seq_ids = np.where(positions < lengths[rows], rows, -1).astype(np.int32)
-    num_tokens = num_seqs * seq_len
-    lora_slots = None if lora_slot is None else np.full(num_tokens, lora_slot, np.int32)
-    return StepMetadata(positions, np.zeros(num_tokens, np.int32), token_seq_ids,
-                        np.zeros((num_seqs, 1), np.int32), lengths,
-                        np.arange(num_seqs, dtype=np.int32) * seq_len + lengths - 1,
-                        lora_slots=lora_slots, dense_causal=True)
-
     def decode_queries(self, block_size: int):
         """(block_tables [T, W], context lengths [T]) of each token as its own decode query:
         its sequence's table and its position + 1 (0 for padding, which writes into
@@ -85,6 +64,27 @@ def padded_batch_metadata(lengths, seq_len: int, lora_slot: int | None = None) -
             self, positions=positions, seq_lens=jnp.where(active, seq_lens, 0), token_seq_ids=rows,
             slot_mapping=jnp.where(active, blocks * block_size + positions % block_size, 0), logits_indices=rows,
             lora_slots=None if self.lora_slots is None else self.lora_slots[token_index], decode_only=True)
+
+
+def padded_batch_metadata(lengths, seq_len: int, lora_slot: int | None = None) -> StepMetadata:
+    """The metadata of a padded batch [B, seq_len] of whole sequences flattened to
+    T = B * seq_len tokens (row b holds its ``lengths[b]`` tokens first, then padding),
+    for a forward with no cache and dense causal attention (a training forward). Padding
+    tokens have token_seq_ids -1 (no token sees them). ``lora_slot``: every token uses
+    that adapter slot; None: no LoRA."""
+    lengths = np.asarray(lengths, np.int32)
+    num_seqs = len(lengths)
+    if np.any(lengths < 1) or np.any(lengths > seq_len):
+        raise ValueError(f"sequence lengths must lie in 1..{seq_len}, got {lengths.tolist()}")
+    positions = np.tile(np.arange(seq_len, dtype=np.int32), num_seqs)
+    rows = np.repeat(np.arange(num_seqs, dtype=np.int32), seq_len)
+    token_seq_ids = np.where(positions < lengths[rows], rows, -1).astype(np.int32)
+    num_tokens = num_seqs * seq_len
+    lora_slots = None if lora_slot is None else np.full(num_tokens, lora_slot, np.int32)
+    return StepMetadata(positions, np.zeros(num_tokens, np.int32), token_seq_ids,
+                        np.zeros((num_seqs, 1), np.int32), lengths,
+                        np.arange(num_seqs, dtype=np.int32) * seq_len + lengths - 1,
+                        lora_slots=lora_slots, dense_causal=True)
 
 
 class StepMetadataBuilder:
