@@ -175,7 +175,6 @@ class KernelConfig:
     reduce: str = "atomic"    # how split-K partial sums meet: atomic | partials
     num_warps: int = 4
     num_stages: int = 3
-    prefetch: bool = False    # load the next step's tiles while computing this one's
 
     def check(self, m: int, k_words: int, n: int, tile_words: int) -> None:
         tiles = k_words // tile_words
@@ -219,7 +218,9 @@ def default_config(m: int, k_words: int, n: int, tile_words: int, num_sms: int =
     while (n // block_n) * splits < want and tiles % (splits * 2 * per_step) == 0 \
             and tiles // (splits * 2) >= 2 * per_step:
         splits *= 2
-    return KernelConfig(path=path, block_n=block_n, tiles_per_step=per_step, k_splits=splits,
+    # Split K summed by XLA (a reduction that also casts) measured faster than atomic adds
+    # into a zeroed output (a memset, the kernel and a cast): H100, 0-24% per call.
+    return KernelConfig(path=path, block_n=block_n, tiles_per_step=per_step, k_splits=splits, reduce="partials",
                         num_warps=4, num_stages=3 if path == "gemv" else 2)
 
 
@@ -335,28 +336,11 @@ def _quant_kernel(x_ref, q_ref, a_ref, b_ref, magic_ref, *refs, bits, tile_words
             accs = tile(first + u, load(first + u), accs)
         return tuple(accs)
 
-    def prefetching_step(s, carry):
-        """As ``step``, with step s's tiles loaded one step ahead (registers double-buffered:
-        Triton software-pipelines only loads that feed a dot)."""
-        accs, loaded = carry
-        ahead = first_tile(jnp.minimum(s + 1, steps - 1))
-        upcoming = tuple(load(ahead + u) for u in range(cfg.tiles_per_step))
-        first = first_tile(s)
-        accs = list(accs)
-        for u in range(cfg.tiles_per_step):
-            accs = tile(first + u, loaded[u], accs)
-        return tuple(accs), upcoming
-
     if gemv:
         init = tuple(jnp.zeros((t_words, bn), jnp.float32) for _ in range(m))
     else:
         init = (jnp.zeros((x_ref.shape[0], bn), jnp.float32),)
-    if cfg.prefetch:
-        first = first_tile(0)
-        loaded = tuple(load(first + u) for u in range(cfg.tiles_per_step))
-        accs, _ = lax.fori_loop(0, steps, prefetching_step, (init, loaded))
-    else:
-        accs = lax.fori_loop(0, steps, step, init)
+    accs = lax.fori_loop(0, steps, step, init)
     if gemv:
         rows = [jnp.sum(a, axis=0, keepdims=True) for a in accs]                        # [1, bn] each
     else:
