@@ -1,11 +1,14 @@
-"""With default options a long prompt is prefilled in chunks (max_rolling_batch_prefill_tokens
-defaults to 2048), and the requests already decoding get a token at every step of it."""
+"""The budget rule of the scheduler. With default options a long prompt is prefilled in
+chunks (max_rolling_batch_prefill_tokens defaults to 2048, 256 on the CPU) and the
+requests already decoding get a token at every step of it; a long prompt's chunk leaves
+room for shorter prompts (host-only tests below), without starving it."""
 
 from __future__ import annotations
 
 import pytest
 
 from lmidist_jax import LLM, SamplingParams
+from lmidist_jax.engine.factory import CPU_DEFAULT_PREFILL_TOKENS
 from tiny_models import make_model
 
 
@@ -13,7 +16,8 @@ def test_long_prompt_is_chunked_between_running_decodes(tmp_path):
     make_model(tmp_path, "llama", num_key_value_heads=2, max_position_embeddings=8192)
     llm = LLM(str(tmp_path), dtype="fp32", max_rolling_batch_size=4, num_kv_blocks=700, progress=False)
     engine = llm.engine
-    assert engine.max_model_len == 8192 and engine.runner.max_num_batched_tokens == 2048
+    budget = CPU_DEFAULT_PREFILL_TOKENS
+    assert engine.max_model_len == 8192 and engine.runner.max_num_batched_tokens == budget
     scheduler = engine.scheduler
     steps = []
     schedule = scheduler.schedule
@@ -32,7 +36,8 @@ def test_long_prompt_is_chunked_between_running_decodes(tmp_path):
     while engine.has_unfinished_requests():
         engine.step()
     long_steps = [s for s in steps if "long" in s]
-    assert [s["long"] for s in long_steps] == [2045, 2045, 905], long_steps
+    chunk = budget - 3  # what the three decode rows leave
+    assert [s["long"] for s in long_steps] == [chunk] * (4995 // chunk) + [4995 % chunk], long_steps
     # Every step of the long prompt's prefill also decodes each running request.
     assert all(s.get(f"short{i}") == 1 for s in long_steps for i in range(3)), long_steps
 
