@@ -26,7 +26,7 @@ class ScheduledSequence:
     @property
     def samples(self) -> bool:
         """Whether this step completes the sequence's known tokens, so its logits sample."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens_to_compute
 
 
 @dataclasses.dataclass
@@ -44,7 +44,9 @@ class SchedulerOutput:
 
     @property
     def is_decode_only(self) -> bool:
-        return all(s.num_new_tokens == 1 and s.samples and not s.num_encoder_tokens for s in self.scheduled)
+        # A scoring request's one new token is a prompt token whose successor's logprob is wanted.
+        return all(s.num_new_tokens == 1 and s.samples and not s.num_encoder_tokens
+                   and not s.seq.request.sampling_params.scores_only for s in self.scheduled)
 
 
 class Scheduler:
@@ -103,7 +105,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens_to_compute - seq.num_computed_tokens, budget)
             while bm.blocks_needed(seq.block_ids, seq.num_computed_tokens + n) > bm.num_free_blocks:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -137,10 +139,11 @@ class Scheduler:
             if encoder_tokens >= budget:
                 break
             if not seq.block_ids and seq.num_computed_tokens == 0:
-                cached = (bm.match_prefix(seq.token_ids, seq.block_ids, extra_key=seq.request.prefix_cache_key)
-                          if self._may_use_prefix_cache(seq) else 0)
+                limit = self._prefix_cache_limit(seq)
+                cached = (bm.match_prefix(seq.token_ids, seq.block_ids, extra_key=seq.request.prefix_cache_key,
+                                          max_tokens=limit) if limit > 0 else 0)
                 seq.num_computed_tokens = cached
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget - encoder_tokens)
+            n = min(seq.num_tokens_to_compute - seq.num_computed_tokens, budget - encoder_tokens)
             cross_blocks = bm.blocks_needed(seq.cross_block_ids, encoder_tokens)
             if bm.blocks_needed(seq.block_ids, seq.num_computed_tokens + n) + cross_blocks > bm.num_free_blocks:
                 # Not enough room yet: give back any cached blocks it took and wait.
@@ -162,12 +165,19 @@ class Scheduler:
         return SchedulerOutput(scheduled, preempted)
 
     @staticmethod
-    def _may_use_prefix_cache(seq: Sequence) -> bool:
-        # Penalties count prompt tokens on the device as they are computed, and prompt
-        # logprobs come out of the prompt's forward pass; a prefix served from the cache
-        # would skip both, so such requests recompute.
+    def _prefix_cache_limit(seq: Sequence) -> int:
+        """How many leading tokens of ``seq`` may come from the prefix cache. Penalties count
+        prompt tokens on the device as they are computed, and prompt logprobs come out of
+        the prompt's forward pass: a prefix served from the cache would skip both, so such
+        requests recompute (prompt logprobs: from the position before the first wanted one,
+        SamplingParams.prompt_logprobs_from). At least one token is always left to run."""
         params = seq.request.sampling_params
-        return not (params.uses_penalties or params.prompt_logprobs)
+        if params.uses_penalties:
+            return 0
+        limit = seq.num_tokens_to_compute - 1
+        if params.prompt_logprobs:
+            limit = min(limit, max(params.prompt_logprobs_from, 1) - 1)
+        return limit
 
     def reserve_decode_steps(self, output: SchedulerOutput, num_steps: int, max_model_len: int) -> bool:
         """For a decode-only step: make room for ``num_steps`` tokens per sequence so the

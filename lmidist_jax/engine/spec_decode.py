@@ -39,7 +39,8 @@ from jax.sharding import NamedSharding
 from .. import parallel
 from ..models.loader import LoadedModel
 from .llm_engine import LLMEngine
-from .model_runner import ModelRunner, StepBatch, StepBatchBuilder, prompt_token_logprobs
+from .model_runner import (ModelRunner, StepBatch, StepBatchBuilder, prompt_logprob_spans, step_prompt_logprobs,
+                           wanted_prompt_logprobs)
 from .sampler import SamplingBatch, apply_penalties, truncation_mask
 from .scheduler import SchedulerOutput
 
@@ -374,11 +375,7 @@ class SpecDecodeRunner:
             hidden, kv_caches = target_module(input_ids, kv_caches, md)
             # The draft computes the same positions, keeping its cache in step with the target's.
             _, draft_kv = draft_module(input_ids, draft_kv, md)
-            prompt_lps = jax.lax.cond(
-                jnp.any(batch.prompt_targets >= 0),
-                lambda h, tgt: prompt_token_logprobs(target_module, h, tgt),
-                lambda h, tgt: jnp.zeros(tgt.shape, jnp.float32),
-                hidden, batch.prompt_targets)
+            prompt_lps = step_prompt_logprobs(target_module, hidden, batch, num_top)
             # Penalty counts of the known input tokens (proposal slots point to the trash row).
             trash = prompt_mask.shape[0] - 1
             prompt_rows = jnp.where(batch.token_is_output, trash, batch.token_slots)
@@ -436,14 +433,12 @@ class SpecDecodeRunner:
         batch, spec, prompt_spans, trip = self._pack(sched, proposals)
         t1 = time.perf_counter()
         out, prompt_lps = self._run(batch, spec, trip)
-        out, prompt_lps = jax.device_get((out, prompt_lps if prompt_spans else None))
+        out, prompt_lps = jax.device_get((out, wanted_prompt_logprobs(prompt_lps, prompt_spans)))
         t2 = time.perf_counter()
         n = len(sched.scheduled)
-        if prompt_spans:
-            prompt_spans = [(row, prompt_lps[t:t + c]) for row, t, c in prompt_spans]
         return SpecRunnerOutput(out.token_ids[:n], out.num_accepted[:n], out.logprobs[:n], out.top_ids[:n],
                                 out.top_logprobs[:n], host_time=t1 - t0, device_time=t2 - t1,
-                                prompt_logprobs=prompt_spans)
+                                prompt_logprobs=prompt_logprob_spans(prompt_spans, prompt_lps))
 
     def _args(self, batch, spec, trip):
         t = self.target
@@ -548,10 +543,7 @@ class SpecDecodeEngine(LLMEngine):
         proposals = self._proposal_lengths(sched)
         t1 = time.perf_counter()
         result = self.spec_runner.execute(sched, proposals)
-        for i, lps in result.prompt_logprobs:
-            seq = sched.scheduled[i].seq
-            start = seq.num_computed_tokens + 1
-            seq.request.prompt_logprobs[start:start + len(lps)] = lps.tolist()
+        self._record_prompt_logprobs(sched, result.prompt_logprobs)
         bm = self.block_manager
         for i, item in enumerate(sched.scheduled):
             seq, num = item.seq, proposals[i]
