@@ -217,8 +217,7 @@ class ModelRunner:
         self.output_counts = jax.jit(lambda: jnp.zeros((rows, vocab), jnp.int32), out_shardings=rep)()
 
         graphdef = model.graphdef
-        num_top = self.num_top_logprobs
-        num_prompt_top = self.num_top_logprobs
+        num_top = self.num_top_logprobs  # top alternatives of sampled and of prompt tokens
 
         block_size = self.block_size
 
@@ -226,9 +225,9 @@ class ModelRunner:
                                token_is_output, token_slots, md, slots, sampling, batch=None):
             hidden, kv_caches = module(input_ids, kv_caches, md)
             if batch is None:  # decode steps: no prompt tokens
-                prompt_lps = no_prompt_logprobs(input_ids.shape[0], num_prompt_top)
+                prompt_lps = no_prompt_logprobs(input_ids.shape[0], num_top)
             else:
-                prompt_lps = step_prompt_logprobs(module, hidden, batch, num_prompt_top)
+                prompt_lps = step_prompt_logprobs(module, hidden, batch, num_top)
             # Penalty bookkeeping: count this step's input tokens (prompt tokens in the
             # mask, generated ones in the counts) in their sequence's row.
             trash = prompt_mask.shape[0] - 1
@@ -286,7 +285,7 @@ class ModelRunner:
                 0, num_steps, one_step, (kv_caches, prompt_mask, output_counts, batch.input_ids, outs))
             # Decode tokens are never prompt tokens (a recomputed prompt runs as a mixed step).
             return (kv_caches, prompt_mask, output_counts,
-                    (outs, no_prompt_logprobs(batch.input_ids.shape[0], num_prompt_top)))
+                    (outs, no_prompt_logprobs(batch.input_ids.shape[0], num_top)))
 
         # Outputs keep the inputs' placements so that every step (and every ahead-of-time
         # compiled bucket) sees the same shardings.
