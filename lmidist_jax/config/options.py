@@ -416,6 +416,15 @@ class EngineConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
+    def of(cls, config: Any) -> "EngineConfig":
+        """``config`` itself when it is an EngineConfig; else (a stand-in with some of the
+        options as attributes, such as an argparse namespace) those over the defaults. The
+        readers then take typed attributes, each with its one default declared here."""
+        if isinstance(config, cls):
+            return config
+        return cls(**{name: getattr(config, name) for name in cls.option_names() if hasattr(config, name)})
+
+    @classmethod
     def defaults(cls) -> dict[str, Any]:
         """Each option's default as written in the sources (tensor_parallel_degree: "max")."""
         values = {f.name: f.default for f in dataclasses.fields(cls)}

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import parallel
+from ..config import EngineConfig
 from ..models.loader import load_model
 from ..models.families import spec_from_hf_config
 from .llm_engine import LLMEngine
@@ -94,11 +95,14 @@ def load_tokenizer(model_dir):
         return None
 
 
-def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEngine:
+def build_engine(config: EngineConfig, *, warmup: bool = True, progress: bool = True) -> LLMEngine:
+    """The engine of ``config`` (an EngineConfig, or a stand-in with some of its options
+    as attributes): its model and tokenizer loaded, the KV cache sized, compiled."""
     from converters.checkpoint import load_config, parse_dtype
     from ..models import converted_cache
     from ..model_store import DEFAULT_MODEL, resolve_model
 
+    config = EngineConfig.of(config)
     start = time.perf_counter()
     configure_compilation_cache(config.compilation_cache_dir)
     model_dir = resolve_model(config.model_id or DEFAULT_MODEL, config.revision)
@@ -111,21 +115,20 @@ def build_engine(config, *, warmup: bool = True, progress: bool = True) -> LLMEn
         raise EngineConfigError(
             f"max_model_len={max_model_len} exceeds the model's limit of {spec.max_model_len} tokens "
             f"(max_position_embeddings with rope scaling)")
-    model = load_weights(model_dir, hf_config, spec, quantize=getattr(config, "quantize", None), dtype=dtype,
+    model = load_weights(model_dir, hf_config, spec, quantize=config.quantize, dtype=dtype,
                          mesh=parallel.make_mesh(config.tensor_parallel_degree), max_model_len=max_model_len,
                          load_format=config.load_format, progress=progress)
     load_time = time.perf_counter() - start
-    save_dir = getattr(config, "save_converted", None)
-    if save_dir:
-        converted_cache.save_converted(model, hf_config, save_dir, tokenizer_dir=model_dir)
-        logger.info("saved the converted parameters to %s", save_dir)
+    if config.save_converted:
+        converted_cache.save_converted(model, hf_config, config.save_converted, tokenizer_dir=model_dir)
+        logger.info("saved the converted parameters to %s", config.save_converted)
     tokenizer = load_tokenizer(model_dir)
     draft = None
-    if getattr(config, "speculative_draft_model", None):
+    if config.speculative_draft_model:
         draft = load_draft(config, model, tokenizer, max_model_len=max_model_len, progress=progress)
     engine = engine_for_model(model, tokenizer, config, max_model_len=max_model_len,
                               warmup=warmup, progress=progress, draft=draft)
-    if getattr(config, "enable_lora", False):
+    if config.enable_lora:
         from .lora_manager import register_model_adapters
 
         register_model_adapters(engine, model_dir)
@@ -151,7 +154,7 @@ def load_weights(model_dir, hf_config: dict, spec, *, quantize: str | None, dtyp
                       max_model_len=max_model_len)
 
 
-def load_draft(config, target, target_tokenizer, *, max_model_len: int, progress: bool = True):
+def load_draft(config: EngineConfig, target, target_tokenizer, *, max_model_len: int, progress: bool = True):
     """``speculative_draft_model`` loaded like the target (a directory, a known name, an HF
     id in the local cache; a converted cache, a dense or a quantized checkpoint), in the
     target's dtype.
@@ -194,13 +197,15 @@ def load_draft(config, target, target_tokenizer, *, max_model_len: int, progress
     return draft
 
 
-def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bool = True,
+def engine_for_model(model, tokenizer, config: EngineConfig, *, max_model_len: int, warmup: bool = True,
                      progress: bool = True, draft=None) -> LLMEngine:
     """Sizes the KV cache for an already-loaded model, compiles, and returns the engine.
-    ``draft``: a loaded draft model for speculative decoding (a stage of the step)."""
+    ``draft``: a loaded draft model for speculative decoding (a stage of the step).
+    ``config``: an EngineConfig, or a stand-in with some of its options as attributes."""
+    config = EngineConfig.of(config)
     configure_compilation_cache(config.compilation_cache_dir)
     check_encoder_decoder_options(model.spec, config, draft)
-    if getattr(config, "enable_lora", False):
+    if config.enable_lora:
         from ..models.lora_linear import with_lora
         from . import multihost
 
@@ -234,10 +239,10 @@ def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bo
                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                          backend=backend, max_logprobs=config.max_logprobs,
                          enforce_eager=config.enforce_eager,
-                         decode_steps=resolve_decode_steps(getattr(config, "decode_steps", "auto"), spec,
+                         decode_steps=resolve_decode_steps(config.decode_steps, spec,
                                                            has_draft=draft is not None),
                          draft=draft, num_speculative_tokens=config.speculative_length)
-    if getattr(config, "enable_lora", False):
+    if config.enable_lora:
         from .lora_manager import LoraManager
 
         runner.lora = LoraManager(model, max_loras=config.max_loras, max_rank=config.max_lora_rank,
@@ -253,18 +258,19 @@ def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bo
                      seed=config.seed, record_acceptance_rate=config.record_acceptance_rate)
 
 
-def check_encoder_decoder_options(spec, config, draft=None) -> None:
+def check_encoder_decoder_options(spec, config: EngineConfig, draft=None) -> None:
     """Options an encoder-decoder model (T5) cannot use yet: a clear error naming them."""
     if not spec.is_encoder_decoder:
         return
     from . import multihost
 
+    config = EngineConfig.of(config)
     refused = []
-    if draft is not None or getattr(config, "speculative_draft_model", None):
+    if draft is not None or config.speculative_draft_model:
         refused.append("speculative_draft_model (speculative decoding)")
-    if getattr(config, "enable_lora", False):
+    if config.enable_lora:
         refused.append("enable_lora=true (LoRA adapters)")
-    if getattr(config, "tensor_parallel_degree", 1) not in (None, 1):
+    if config.tensor_parallel_degree != 1:
         refused.append(f"tensor_parallel_degree={config.tensor_parallel_degree} (only 1)")
     if multihost.is_multiprocess():
         refused.append("several processes (jax.distributed)")
@@ -330,7 +336,7 @@ def _attention_backend(requested: str, spec=None) -> str:
     return backend
 
 
-def _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_tokens, draft=None) -> int:
+def _num_kv_blocks(config: EngineConfig, model, max_model_len, max_num_seqs, max_num_batched_tokens, draft=None) -> int:
     per_block = kv_cache_bytes_per_block(model.spec, config.block_size, model.dtype)
     if draft is not None:  # the draft's cache has a block for every block of the target's
         per_block += kv_cache_bytes_per_block(draft.spec, config.block_size, draft.dtype)
@@ -360,7 +366,7 @@ def _num_kv_blocks(config, model, max_model_len, max_num_seqs, max_num_batched_t
     return max(num, 0)
 
 
-def _activation_peak_bytes(model, config, max_model_len, max_num_seqs, max_num_batched_tokens, draft=None) -> int:
+def _activation_peak_bytes(model, config: EngineConfig, max_model_len, max_num_seqs, max_num_batched_tokens, draft=None) -> int:
     """Temporary memory of the largest step, measured from its compiled form with a
     small stand-in cache (the temporaries do not grow with the pool)."""
     probe = ModelRunner(model, block_size=config.block_size,

@@ -279,7 +279,7 @@ def _model_dir(llm) -> Path:
     config = getattr(llm, "config", None)
     if config is None:
         raise ValueError("pass model_dir=: this engine does not say which checkpoint directory it was loaded from")
-    return Path(resolve_model(config.model_id or DEFAULT_MODEL, getattr(config, "revision", None)))
+    return Path(resolve_model(config.model_id or DEFAULT_MODEL, config.revision))
 
 
 def checkpoint_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
