@@ -121,7 +121,7 @@ def _run(args) -> int:
     if args.save_converted:
         options["save_converted"] = args.save_converted
     if args.command == "serve":
-        from .server.app import serve
+        from .server import serve
         from .server.http import HttpSettings
 
         if args.drain_seconds is not None:

@@ -340,7 +340,7 @@ def test_sigterm_drains_then_exits_0(served):
     finally:
         long_r.close()
         short_r.close()
-    from lmidist_jax.server.app import STEP_GRACE_SECONDS
+    from lmidist_jax.server.lifecycle import STEP_GRACE_SECONDS
 
     elapsed = _assert_clean_exit(served, started, DRAIN_SECONDS + STEP_GRACE_SECONDS)
     assert elapsed >= DRAIN_SECONDS - 0.5  # the long one was given the drain time
@@ -386,7 +386,7 @@ def test_sigterm_inside_a_step_exits_0(long_model_dir, tmp_path_factory):
         time.sleep(0.3)
         started = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
-        from lmidist_jax.server.app import STEP_GRACE_SECONDS
+        from lmidist_jax.server.lifecycle import STEP_GRACE_SECONDS
 
         _assert_clean_exit(proc, started, 0.5 + STEP_GRACE_SECONDS + 5)
         t.join(30)

@@ -30,8 +30,9 @@ from typing import Any
 
 from flask import Flask, request
 
+from ..config import EngineConfig
 from ..sampling_params import RequestError
-from .schema import BadRequest
+from .schema import ADAPTER_FIELDS, BadRequest
 
 ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
 
@@ -40,12 +41,12 @@ def _found_adapters(body: dict) -> list[tuple[str, Any]]:
     """(where, value) of every adapter selection in the request, removed from ``body``
     (so that the request parsers never see them)."""
     found = []
-    for key in ("adapters", "adapter_id", "adapter"):
+    for key in ADAPTER_FIELDS:
         if key in body:
             found.append((key, body.pop(key)))
     params = body.get("parameters")
     if isinstance(params, dict):
-        for key in ("adapters", "adapter_id", "adapter"):
+        for key in ADAPTER_FIELDS:
             if key in params:
                 found.append((f"parameters.{key}", params.pop(key)))
     if "adapter" in request.args:
@@ -90,15 +91,14 @@ def request_adapters(loop, body: dict, num_inputs: int, batched: bool) -> list[s
     return names
 
 
-def allowed_roots(config) -> list[str]:
-    roots = getattr(config, "adapter_roots", None)
-    if roots:
-        return [os.path.realpath(r.strip()) for r in roots.split(",") if r.strip()]
-    model_id = getattr(config, "model_id", None)
+def allowed_roots(config: EngineConfig) -> list[str]:
+    if config.adapter_roots:
+        return [os.path.realpath(r.strip()) for r in config.adapter_roots.split(",") if r.strip()]
+    model_id = config.model_id
     return [os.path.realpath(model_id)] if model_id and os.path.isdir(model_id) else []
 
 
-def _check_src(src: str, config) -> str:
+def _check_src(src: str, config: EngineConfig) -> str:
     roots = allowed_roots(config)
     path = os.path.realpath(src)
     if not roots:

@@ -1,5 +1,6 @@
-"""The HTTP server: LMI request schema + OpenAI chat completions, a Flask app served by
-waitress (bounded threads, timeouts, body limits: see ``http.py``).
+"""The HTTP server's routes and their handlers: the Flask app over an engine loop, speaking
+LMI's schema and OpenAI's chat completions and completions (served by waitress, see
+``http.py``; started and stopped by ``lifecycle.py``).
 
 Routes
 ------
@@ -54,28 +55,10 @@ code   when
 Unknown LMI parameters and chat fields are dropped with a warning in the log (as
 lmi-dist did). A failing request never affects the others.
 
-Streaming
----------
-LMI: ``application/jsonlines`` (one ``{"token": {"id", "text", "log_prob"}}`` per line;
-the last line also carries ``generated_text``, and ``details`` when asked), or
-``text/event-stream`` (``data: {json}\\n\\n`` events, same objects) with
-``output_formatter=sse`` (``json``, ``jsonlines`` or unset: JSON lines). Chat:
-``chat.completion.chunk`` SSE events ending with ``data: [DONE]``. An error after the stream started ends it with a final
-``{"code": N, "error": ...}`` record. A client that disconnects aborts its request
-(its KV blocks are freed before the next engine step): a streaming one is noticed when
-a write fails or, between tokens, through waitress's ``waitress.client_disconnected``
-(the server keeps reading the socket while a request runs, so a closed connection is
-seen at once); a non-streaming one through the same check, polled every 0.1 s while it
-waits for the engine. Under another WSGI server without that hook, only streams notice.
-
-Shutdown
---------
-SIGTERM or SIGINT: new requests get 503 and ``/ping`` answers 503 while the requests in
-flight run to their end for up to ``drain_seconds`` (option, ``--drain-seconds``); the
-ones still running then end (streams with a final error record), the engine loop stops
-after its step in flight (given at most ``STEP_GRACE_SECONDS`` more), and the process
-exits 0. During warm-up nothing is drained: it exits at once. A second signal skips
-the rest of the drain.
+Streaming bodies and client disconnects: see ``streaming.py``. Shutdown (SIGTERM /
+SIGINT drain): see ``lifecycle.py``. The transport (threads, timeouts, body limit):
+``http.py``. The wire formats: ``lmi.py``, ``chat.py``, ``completions.py``, and what they
+share in ``schema.py``.
 
 Details
 -------
@@ -89,48 +72,36 @@ distribution (before penalties/temperature); a non-finite value is sent as null.
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
-import ipaddress
 import logging
 import os
-import signal
-import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from ..config import EngineConfig
 from ..sampling_params import RequestError
+from .adapters import register_adapter_routes, request_adapters
+from .chat import ChatStreamBuilder, chat_response, new_chat_id, parse_chat_request
+from .completions import (CompletionStreamBuilder, completion_response, new_completion_id, parse_completion_request,
+                          prompt_text)
+from .http import max_body_bytes_from_env
+from .lmi import LmiRequest, LmiStreamBuilder, lmi_response, parse_lmi_request
 from .metrics import ServerMetrics
-from .schema import (BadRequest, ChatStreamBuilder, Limits, LmiRequest, LmiStreamBuilder, chat_response,
-                     dumps, error_body, lmi_response, new_chat_id, parse_chat_request, parse_json_body,
-                     parse_lmi_request)
-
-if TYPE_CHECKING:
-    from .http import HttpSettings
+from .schema import (JSON, JSONLINES, SSE, BadRequest, Limits, ServerError, dumps, error_body, error_body_for,
+                     parse_json_body)
+from .streaming import SSE_DONE, StreamBody, collect, sse_event, stream_response, submit
 
 logger = logging.getLogger("lmidist_jax.server")
-
-DEFAULT_MAX_BODY_BYTES = 8 * 2**20
-JSON = "application/json"
-JSONLINES = "application/jsonlines"
-SSE = "text/event-stream"
-
-
-class ServerError(Exception):
-    def __init__(self, message: str, status: int = 500):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class ServerState:
     """What the routes share. ``loop`` is None until the engine is ready."""
 
-    def __init__(self, loop, config, metrics: ServerMetrics, model_name: str, max_body_bytes: int,
+    def __init__(self, loop, config: EngineConfig, metrics: ServerMetrics, model_name: str, max_body_bytes: int,
                  api_key: str | None = None):
         self.loop = loop
         self.config = config
@@ -154,52 +125,28 @@ class ServerState:
             raise ServerError(f"the engine failed: {self.loop.error}", 503)
         return self.loop
 
-    @property
-    def output_formatter(self) -> str | None:
-        return getattr(self.config, "output_formatter", None)
-
     def limits(self, loop) -> Limits:
         engine = loop.engine
-        max_n = getattr(self.config, "max_rolling_batch_size", None) or 16
         return Limits(vocab_size=engine.spec.vocab_size, max_model_len=engine.max_model_len,
-                      max_n=max(1, int(max_n)), max_logprobs=getattr(engine, "max_logprobs", Limits.max_logprobs))
+                      max_n=self.config.max_rolling_batch_size,
+                      max_logprobs=getattr(engine, "max_logprobs", Limits.max_logprobs))
 
 
-def served_model_name(config) -> str:
-    name = getattr(config, "served_model_name", None) or getattr(config, "model_name", None)
-    if name:
-        return str(name)
-    model_id = getattr(config, "model_id", None)
-    if model_id:
-        return os.path.basename(str(model_id).rstrip("/")) or str(model_id)
+def served_model_name(config: EngineConfig) -> str:
+    """The model's name in routes and responses: the last part of model_id."""
+    if config.model_id:
+        return os.path.basename(config.model_id.rstrip("/")) or config.model_id
     from ..model_store import DEFAULT_MODEL
 
     return DEFAULT_MODEL
 
 
-def _json_response(obj: Any, status: int = 200) -> Response:
+def json_response(obj: Any, status: int = 200) -> Response:
     return Response(dumps(obj), status=status, content_type=JSON)
 
 
-_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                       405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-                       500: "internal_error", 503: "service_unavailable"}
-
-
-def openai_error_body(status: int, message: str) -> dict:
-    return {"error": {"message": message, "type": _OPENAI_ERROR_TYPES.get(status, "error"), "param": None,
-                      "code": status}}
-
-
-def _error_record(status: int, message: str) -> dict:
-    """The error object for the current route: OpenAI's shape under /v1/, LMI's elsewhere."""
-    if request.path.startswith("/v1/"):
-        return openai_error_body(status, message)
-    return error_body(status, message)
-
-
 def _error_response(status: int, message: str) -> Response:
-    return _json_response(_error_record(status, message), status)
+    return json_response(error_body_for(request.path)(status, message), status)
 
 
 def state_of(app: Flask) -> ServerState:
@@ -215,18 +162,15 @@ def set_startup_error(app: Flask, error: BaseException | str) -> None:
     state_of(app).startup_error = str(error) or type(error).__name__
 
 
-def max_body_bytes_of(config) -> int:
-    return int(getattr(config, "max_body_bytes", None)
-               or os.environ.get("LMIDIST_JAX_MAX_BODY_BYTES") or DEFAULT_MAX_BODY_BYTES)
-
-
 def create_app(engine_loop, config, *, model_name: str | None = None, max_body_bytes: int | None = None,
                metrics: ServerMetrics | None = None, api_key: str | None = None) -> Flask:
     """The Flask app over an EngineLoop. ``engine_loop`` may be None while the engine
-    warms up (``/ping`` answers 503 until `set_engine_loop`). ``api_key``: when set,
-    every route but ``/ping`` requires ``Authorization: Bearer <api_key>``."""
+    warms up (``/ping`` answers 503 until `set_engine_loop`). ``config``: the
+    EngineConfig (or a stand-in with some of its options as attributes). ``api_key``:
+    when set, every route but ``/ping`` requires ``Authorization: Bearer <api_key>``."""
+    config = EngineConfig.of(config)
     if max_body_bytes is None:
-        max_body_bytes = max_body_bytes_of(config)
+        max_body_bytes = max_body_bytes_from_env()
     app = Flask("lmidist_jax.server")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     state = ServerState(engine_loop, config, metrics or ServerMetrics(), model_name or served_model_name(config),
@@ -293,19 +237,18 @@ def create_app(engine_loop, config, *, model_name: str | None = None, max_body_b
             state.ready_loop()
         except ServerError as e:
             return _error_response(e.status, e.message)
-        return _json_response({"status": "healthy"})
+        return json_response({"status": "healthy"})
 
     @app.get("/models")
     def models():
         status = "READY" if state.loop is not None and state.loop.healthy else (
             "FAILED" if state.startup_error or state.loop is not None else "LOADING")
-        return _json_response({"models": [{"modelName": state.model_name,
-                                           "modelUrl": str(getattr(config, "model_id", None) or ""),
-                                           "status": status}]})
+        return json_response({"models": [{"modelName": state.model_name, "modelUrl": config.model_id or "",
+                                          "status": status}]})
 
     @app.get("/v1/models")
     def openai_models():
-        return _json_response({"object": "list", "data": [
+        return json_response({"object": "list", "data": [
             {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lmidist-jax"}]})
 
     @app.get("/metrics")
@@ -331,11 +274,11 @@ def create_app(engine_loop, config, *, model_name: str | None = None, max_body_b
     def chat_completions():
         return _handle(state, chat_only=True)
 
-    from .adapters import register_adapter_routes
-    from .completions import register_completion_routes
+    @app.post("/v1/completions")
+    def completions():
+        return _handle_completion(state)
 
-    register_adapter_routes(app, state, _json_response)
-    register_completion_routes(app, state)
+    register_adapter_routes(app, state, json_response)
     return app
 
 
@@ -352,8 +295,6 @@ def _handle(state: ServerState, *, chat_only: bool) -> Response:
     loop = state.ready_loop()
     body = _read_body()
     limits = state.limits(loop)
-    from .adapters import request_adapters
-
     chat = chat_only or "messages" in body
     inputs = body.get("inputs")
     batched = not chat and isinstance(inputs, list)
@@ -363,48 +304,30 @@ def _handle(state: ServerState, *, chat_only: bool) -> Response:
     return _handle_lmi(state, loop, body, limits, start, adapters)
 
 
-def _submit(loop, request_id: str, prompt, params, stream: bool, where: str = "", adapter: str | None = None):
-    from ..engine.engine_loop import QueueFullError
-
+def _submit_all(loop, request_ids: list[str], prompts: list, params, stream: bool, adapters: list[str | None],
+                wheres: list[str]) -> list:
+    """Every prompt submitted (they share the rolling batch), or none: a refused one
+    closes those already queued. ``wheres``: how messages name each prompt."""
+    streams = []
     try:
-        submitted = loop.submit(request_id, prompt, params, stream=stream, adapter=adapter)
-    except RequestError as e:
-        raise BadRequest(f"{where}{e}") from None
-    except QueueFullError as e:
-        raise ServerError(f"{e}; retry later", 503) from None
-    except RuntimeError as e:  # the engine failed or is shutting down
-        raise ServerError(str(e), 503) from None
-    # waitress: True once the client closed its connection (see the module docstring).
-    submitted.cancelled = request.environ.get("waitress.client_disconnected")
-    return submitted
+        for request_id, prompt, adapter, where in zip(request_ids, prompts, adapters, wheres):
+            streams.append(submit(loop, request_id, prompt, params, stream, where, adapter=adapter))
+    except BaseException:
+        for s in streams:
+            s.close()
+        raise
+    return streams
 
 
-def _observe(state: ServerState, tracker, stream, out) -> None:
-    tracker.observe(out)
-    if stream.steps_to_first_token is not None and not getattr(tracker, "steps_recorded", False):
-        tracker.steps_recorded = True
-        state.metrics.steps_to_first_token.observe(stream.steps_to_first_token)
-
-
-def _collect(state: ServerState, stream, tracker) -> Any:
-    from ..engine.engine_loop import EngineShutDown, RequestCancelled
-
-    final = None
+def _collect_all(state: ServerState, streams: list, start: float) -> list:
+    """The final outputs of ``streams`` in order; the streams are closed after."""
     try:
-        for out in stream:
-            _observe(state, tracker, stream, out)
-            final = out
-    except EngineShutDown as e:
-        raise ServerError(str(e), 503) from None
-    except RequestCancelled:
-        state.metrics.aborted.inc()
-        logger.info("client went away: aborted %s", stream.request_id)
-        raise ServerError("the client disconnected; the request was aborted", 499) from None
-    if final is None or not final.finished:
-        raise ServerError("the request ended without a result (aborted)", 500)
-    if final.error:
-        raise ServerError(f"the request failed: {final.error}", 500)
-    return final
+        return [collect(state.metrics, s, state.metrics.tracker(start)) for s in streams]
+    except RuntimeError as e:
+        raise ServerError(str(e), 500) from None
+    finally:
+        for s in streams:
+            s.close()
 
 
 def _decoders(loop, skip_special_tokens: bool) -> tuple[Callable[[int], str], Callable[[int], str]]:
@@ -422,42 +345,26 @@ def _new_request_id(kind: str) -> str:
 def _handle_lmi(state: ServerState, loop, body: dict, limits: Limits, start: float,
                 adapters: list[str | None]) -> Response:
     req: LmiRequest = parse_lmi_request(body, limits)
-    streams = []
-    try:
-        for i, prompt in enumerate(req.inputs):
-            where = f"inputs[{i}]: " if req.batched else ""
-            streams.append(_submit(loop, _new_request_id("lmi"), prompt, req.params, req.stream, where,
-                                   adapter=adapters[i]))
-    except BaseException:
-        for s in streams:
-            s.close()
-        raise
+    ids = [_new_request_id("lmi") for _ in req.inputs]
+    wheres = [f"inputs[{i}]: " if req.batched else "" for i in range(len(req.inputs))]
+    streams = _submit_all(loop, ids, req.inputs, req.params, req.stream, adapters, wheres)
     piece, raw = _decoders(loop, req.params.skip_special_tokens)
     if req.stream:
         builder = LmiStreamBuilder(req, req.inputs[0], piece, raw)
-        sse = state.output_formatter == "sse"
+        sse = state.config.output_formatter == "sse"
 
         def encode(record: dict) -> bytes:
-            text = dumps(record)
-            return (f"data: {text}\n\n" if sse else text + "\n").encode("utf-8")
+            return sse_event(record) if sse else (dumps(record) + "\n").encode("utf-8")
 
         def produce(out) -> list[bytes]:
             return [encode(r) for r in builder.records(out)]
 
-        body_iter = _StreamBody(state, streams[0], produce, lambda st, msg: encode(error_body(st, msg)),
-                                state.metrics.tracker(start))
-        return _stream_response(body_iter, SSE if sse else JSONLINES)
-    try:
-        results = []
-        for s, prompt in zip(streams, req.inputs):
-            final = _collect(state, s, state.metrics.tracker(start))
-            results.append(lmi_response(req, prompt, final, raw))
-    except RuntimeError as e:
-        raise ServerError(str(e), 500) from None
-    finally:
-        for s in streams:
-            s.close()
-    return _json_response(results if req.batched else results[0])
+        body_iter = StreamBody(state.metrics, streams[0], produce, lambda st, msg: encode(error_body(st, msg)),
+                               state.metrics.tracker(start))
+        return stream_response(body_iter, SSE if sse else JSONLINES)
+    outs = _collect_all(state, streams, start)
+    results = [lmi_response(req, prompt, final, raw) for prompt, final in zip(req.inputs, outs)]
+    return json_response(results if req.batched else results[0])
 
 
 def _chat_prompt(loop, messages: list[dict]) -> list[int]:
@@ -474,260 +381,68 @@ def _handle_chat(state: ServerState, loop, body: dict, limits: Limits, start: fl
     prompt_ids = _chat_prompt(loop, req.messages)
     params = req.sampling_params(len(prompt_ids), limits.max_model_len)
     chat_id = new_chat_id()
-    stream = _submit(loop, chat_id, prompt_ids, params, req.stream, adapter=adapter)
+    stream = submit(loop, chat_id, prompt_ids, params, req.stream, adapter=adapter)
     model = state.model_name
     if req.stream:
         builder = ChatStreamBuilder(req, model, chat_id)
 
-        def encode(record: dict) -> bytes:
-            return f"data: {dumps(record)}\n\n".encode("utf-8")
-
         def produce(out) -> list[bytes]:
             chunks = [] if builder.started else [builder.first()]
             chunks += builder.chunks(out)
-            frames = [encode(c) for c in chunks]
+            frames = [sse_event(c) for c in chunks]
             if out.finished:
                 if req.include_usage:
-                    frames.append(encode(builder.usage_chunk()))
-                frames.append(b"data: [DONE]\n\n")
+                    frames.append(sse_event(builder.usage_chunk()))
+                frames.append(SSE_DONE)
             return frames
 
-        error_record = openai_error_body if request.path.startswith("/v1/") else error_body
-        return _stream_response(_StreamBody(state, stream, produce, lambda st, msg: encode(error_record(st, msg)),
-                                            state.metrics.tracker(start)), SSE)
-    try:
-        final = _collect(state, stream, state.metrics.tracker(start))
-    except RuntimeError as e:
-        raise ServerError(str(e), 500) from None
-    finally:
-        stream.close()
-    return _json_response(chat_response(req, final, model, chat_id, int(time.time())))
+        error_record = error_body_for(request.path)  # the stream outlives the request context
+        return stream_response(StreamBody(state.metrics, stream, produce,
+                                          lambda st, msg: sse_event(error_record(st, msg)),
+                                          state.metrics.tracker(start)), SSE)
+    final, = _collect_all(state, [stream], start)
+    return json_response(chat_response(req, final, model, chat_id, int(time.time())))
 
 
-def _stream_response(body_iter: "_StreamBody", content_type: str) -> Response:
-    response = Response(body_iter, status=200, content_type=content_type)
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    return response
+def _handle_completion(state: ServerState) -> Response:
+    """POST /v1/completions: every prompt is submitted at once (they share the rolling
+    batch), then their outputs are collected in order (or streamed one prompt after the
+    other)."""
+    start = time.perf_counter()
+    loop = state.ready_loop()
+    body = _read_body()
+    limits = state.limits(loop)
+    req = parse_completion_request(body, limits)
+    adapters = request_adapters(loop, body, len(req.prompts), batched=len(req.prompts) > 1)
+    completion_id = new_completion_id()
+    ids = [f"{completion_id}-{i}" for i in range(len(req.prompts))]
+    wheres = [f"prompt[{i}]: " if len(req.prompts) > 1 else "" for i in range(len(req.prompts))]
+    streams = _submit_all(loop, ids, req.prompts, req.params, req.stream, adapters, wheres)
+    pieces: dict[int, str] = {}
 
+    def piece(token: int) -> str:  # one token's text, as the logprobs show it
+        text = pieces.get(token)
+        if text is None:
+            text = pieces[token] = loop.decode([token], skip_special_tokens=False)
+        return text
 
-class _StreamBody:
-    """The body of a streaming response. Werkzeug calls ``close()`` when the response
-    ends, including when the client went away mid-stream: that aborts the request so
-    its KV blocks are freed (even if iteration never started).
+    decode = lambda ids: loop.decode(ids, skip_special_tokens=False)  # noqa: E731
+    texts = [prompt_text(p, decode) if req.echo else "" for p in req.prompts]
+    model = state.model_name
+    if req.stream:
+        builder = CompletionStreamBuilder(req, model, completion_id, ids, texts, piece)
 
-    ``stream``: a RequestStream, or a list of them whose outputs are sent one stream after
-    the other (their requests run together in the engine meanwhile); ``tracker``: one
-    metrics tracker per stream likewise."""
+        def produce(out) -> list[bytes]:
+            frames = [sse_event(c) for c in builder.chunks(out)]
+            if builder.done and len(builder.finals) == len(req.prompts):
+                if req.include_usage:
+                    frames.append(sse_event(builder.usage_chunk()))
+                frames.append(SSE_DONE)
+            return frames
 
-    def __init__(self, state: ServerState, stream, produce: Callable[[Any], list[bytes]],
-                 encode_error: Callable[[int, str], bytes], tracker):
-        self.state = state
-        self.streams = stream if isinstance(stream, list) else [stream]
-        self.trackers = tracker if isinstance(tracker, list) else [tracker]
-        self.produce = produce
-        self.encode_error = encode_error
-        self.finished = False
-        self.closed = False
-        self._gen: Iterator[bytes] | None = None
-
-    def __iter__(self) -> Iterator[bytes]:
-        self._gen = self._generate()
-        return self._gen
-
-    def _generate(self) -> Iterator[bytes]:
-        from ..engine.engine_loop import EngineShutDown, RequestCancelled
-
-        stream = self.streams[0]
-        try:
-            for stream, tracker in zip(self.streams, self.trackers):
-                stream_finished = False
-                for out in stream:
-                    _observe(self.state, tracker, stream, out)
-                    frames = self.produce(out)
-                    if out.finished:
-                        stream_finished = True
-                        self.finished = stream is self.streams[-1]
-                    yield from frames
-                if not stream_finished:
-                    break
-            if not self.finished and not self.closed:
-                self.finished = True
-                yield self.encode_error(500, "the request was aborted before it finished")
-        except EngineShutDown as e:  # the drain time is over
-            self.finished = True
-            yield self.encode_error(503, str(e))
-        except RequestCancelled:  # the client left between tokens: nothing more to send
-            self.state.metrics.aborted.inc()
-            self.finished = True
-            logger.info("client went away: aborted %s", stream.request_id)
-        except Exception as e:  # the engine failed mid-stream (GeneratorExit is not an Exception)
-            self.finished = True
-            logger.error("stream of %s failed: %s", stream.request_id, e)
-            yield self.encode_error(500, str(e))
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if not self.finished:
-            self.state.metrics.aborted.inc()
-            logger.info("client went away: aborting %s", ", ".join(s.request_id for s in self.streams))
-        for stream in self.streams:  # a finished one ignores it
-            stream.close()
-        if self._gen is not None:
-            self._gen.close()
-
-
-# -- serve ---------------------------------------------------------------------------
-
-
-def _config_summary(config) -> str:
-    describe = getattr(config, "describe", None)
-    if callable(describe):
-        return "\n" + describe()
-    if dataclasses.is_dataclass(config):
-        return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(config).items())
-    return repr(config)
-
-
-# The step in flight when the drain ends gets this long to finish before the process
-# exits without it (a long prefill must not hold a stopping server for minutes).
-STEP_GRACE_SECONDS = 10.0
-DEFAULT_DRAIN_SECONDS = 20.0
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class _StopSignals:
-    """SIGTERM / SIGINT -> a flag the serving thread polls (a handler must not take locks).
-    The first asks for a drain; a second one skips what is left of it."""
-
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
-        self.count = 0
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.count += 1
-        self.state.shutting_down = True  # refuse new requests from now on (a plain store: no lock)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def serve(properties: str | None = None, model_dir: str | None = None, host: str = "127.0.0.1",
-          port: int = 8080, options: dict | None = None, *, api_key: str | None = None,
-          http: "HttpSettings | None" = None) -> int:
-    """Build the config (serving.properties + env + options, LMI rules), start the HTTP
-    server at once (``/ping`` answers 503), build and warm up the engine in a background
-    thread, then serve until SIGTERM / SIGINT, drain (see "Shutdown" above) and return 0.
-    An engine that fails to start stops the server and the error is raised.
-
-    ``api_key`` (else ``LMIDIST_JAX_API_KEY``): required as a bearer token on every route
-    but /ping. The caller should end the process right after (``os._exit``, as the CLI
-    does): the warm-up or a step may still be running in native code on another thread."""
-    from ..config import EngineConfig
-    from .http import HttpServer, HttpSettings
-
-    config = EngineConfig.from_sources(options=options, properties_path=properties, model_dir=model_dir)
-    logger.info("effective config: %s", _config_summary(config))
-    api_key = api_key or os.environ.get("LMIDIST_JAX_API_KEY") or None
-    if api_key is None and not is_loopback(host):
-        logger.warning("serving on %s without an API key: anyone who can reach this address can use the model; "
-                       "set --api-key or LMIDIST_JAX_API_KEY to require 'Authorization: Bearer <key>'", host)
-    settings = http or HttpSettings()
-    settings = dataclasses.replace(settings, max_body_bytes=max_body_bytes_of(config))
-    app = create_app(None, config, api_key=api_key, max_body_bytes=settings.max_body_bytes)
-    state = state_of(app)
-    server = HttpServer(app, host, port, settings)
-    logger.info("serving %s on http://%s:%d (warming up; %d HTTP worker threads)", state.model_name, host,
-                server.server_port, settings.threads)
-    failure: list[BaseException] = []
-    engine_ready = threading.Event()
-
-    def build() -> None:
-        try:
-            from ..engine.engine_loop import EngineLoop
-            from ..engine.factory import build_engine
-
-            engine = build_engine(config, warmup=True, progress=False)
-            if state.shutting_down:
-                return
-            loop = EngineLoop(engine, job_queue_size=getattr(config, "job_queue_size", 1000) or 1000)
-            set_engine_loop(app, loop)
-            engine_ready.set()
-            logger.info("engine ready: GET /ping answers 200")
-        except BaseException as e:  # noqa: BLE001 - reported and re-raised by serve()
-            logger.exception("the engine failed to start")
-            failure.append(e)
-            set_startup_error(app, e)
-
-    signals = _StopSignals(state)
-    signals.install()
-    http_thread = threading.Thread(target=server.serve_until_stopped, name="lmidist-http", daemon=True)
-    http_thread.start()
-    builder = threading.Thread(target=build, name="lmidist-engine-build", daemon=True)
-    builder.start()
-    try:
-        while not signals.count and not failure:
-            time.sleep(0.1)
-        if signals.count:
-            _drain(state, server, signals, float(getattr(config, "drain_seconds", DEFAULT_DRAIN_SECONDS)))
-    finally:
-        state.shutting_down = True
-        server.stop()
-        http_thread.join(timeout=5)
-        server.close(timeout=2)
-        signals.restore()
-        loop = state.loop
-        if loop is not None and loop.healthy:
-            loop.shutdown(join_timeout=STEP_GRACE_SECONDS, reason="the server is shutting down")
-        logger.info("server stopped")
-    if failure:
-        raise failure[0]
-    return 0
-
-
-def _drain(state: ServerState, server, signals: _StopSignals, drain_seconds: float) -> None:
-    """Refuse new requests (503), let the ones in flight finish for up to ``drain_seconds``,
-    end the rest, stop the engine loop, and give their final records time to be sent."""
-    state.shutting_down = True
-    loop = state.loop
-    if loop is None:
-        logger.info("stopping during warm-up: nothing to drain")
-        return
-    loop.begin_drain()
-    stats = loop.stats()
-    logger.info("shutting down: draining %d request(s) for up to %.0f s (new requests get 503)",
-                stats["num_requests"], drain_seconds)
-    deadline = time.monotonic() + drain_seconds
-    first_signal = signals.count
-    while time.monotonic() < deadline and signals.count == first_signal:
-        if loop.wait_idle(timeout=min(0.2, max(0.0, deadline - time.monotonic()))):
-            break
-    left = loop.stats()["num_requests"]
-    if left:
-        logger.warning("drain over: ending %d request(s) still in flight", left)
-    stopped = loop.shutdown(join_timeout=STEP_GRACE_SECONDS, reason="the server is shutting down")
-    if not stopped:
-        logger.warning("the engine step in flight did not end within %.0f s; exiting without it",
-                       STEP_GRACE_SECONDS)
-    # Let the HTTP workers write the final records of the ended streams.
-    flush_deadline = time.monotonic() + 3.0
-    while time.monotonic() < flush_deadline and (server.busy_workers() or server.pending_output()):
-        time.sleep(0.05)
+        error_record = error_body_for(request.path)
+        body_iter = StreamBody(state.metrics, streams, produce, lambda st, msg: sse_event(error_record(st, msg)),
+                               [state.metrics.tracker(start) for _ in streams])
+        return stream_response(body_iter, SSE)
+    outs = _collect_all(state, streams, start)
+    return json_response(completion_response(req, texts, outs, model, completion_id, int(time.time()), piece))

@@ -1,5 +1,5 @@
-"""OpenAI completions (``POST /v1/completions``): request parsing, response and stream
-building, and the route.
+"""OpenAI completions' wire format (``POST /v1/completions``; the route is in ``app.py``):
+request parsing, response and stream building.
 
 Fields (OpenAI's, plus vLLM's usual extras):
 
@@ -36,20 +36,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 import uuid
 from typing import Any, Callable
 
 from ..outputs import CompletionOutput, RequestOutput, TokenLogprob
 from ..sampling_params import SamplingParams
-from .schema import (CHAT_MAX_TEMPERATURE, INT32_MAX, SEED_MAX, BadRequest, Limits, _bool, _int, _json_type, _number,
-                     _sampling_params, _stop_list, _token_ids, chat_finish_reason, chat_usage)
+from .chat import check_model_field, finish_reason, openai_logprob, read_include_usage, read_sampling_fields, usage
+from .schema import (ADAPTER_FIELDS, INT32_MAX, BadRequest, Limits, json_type, read_bool, read_int, read_token_ids,
+                     sampling_params)
 
 logger = logging.getLogger("lmidist_jax.server")
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default
-ADAPTER_FIELDS = ("adapters", "adapter_id", "adapter")
 COMPLETION_FIELDS = {"prompt", "model", "max_tokens", "temperature", "top_p", "n", "best_of", "stream",
                      "stream_options", "stop", "seed", "logprobs", "echo", "presence_penalty",
                      "frequency_penalty", "user", "suffix", "logit_bias",
@@ -83,7 +82,7 @@ def _prompts(value: Any, vocab_size: int) -> list[Prompt]:
             raise BadRequest('"prompt" is an empty string')
         return [value]
     if not isinstance(value, list) or not value:
-        what = "an empty list" if value == [] else f"{_json_type(value)}"
+        what = "an empty list" if value == [] else f"{json_type(value)}"
         raise BadRequest(f'"prompt" must be a string, a list of strings, a list of token ids or a list of '
                          f"token-id lists, got {what}")
     if all(isinstance(p, str) for p in value):
@@ -96,12 +95,12 @@ def _prompts(value: Any, vocab_size: int) -> list[Prompt]:
         for i, p in enumerate(value):
             if not p:
                 raise BadRequest(f'"prompt[{i}]" is an empty list of token ids')
-            prompts.append(list(_token_ids("", f'"prompt[{i}]"', p, vocab_size)))
+            prompts.append(list(read_token_ids("", f'"prompt[{i}]"', p, vocab_size)))
         return prompts
     if any(isinstance(p, (str, list, dict)) for p in value):
         raise BadRequest('"prompt" mixes kinds of items: give a list of strings, a list of token ids or a list of '
                          "token-id lists")
-    return [list(_token_ids("", '"prompt"', value, vocab_size))]
+    return [list(read_token_ids("", '"prompt"', value, vocab_size))]
 
 
 def parse_completion_request(body: dict, limits: Limits) -> CompletionRequest:
@@ -112,12 +111,11 @@ def parse_completion_request(body: dict, limits: Limits) -> CompletionRequest:
     for key in ("suffix", "logit_bias"):
         if body.get(key) not in (None, {}, ""):
             raise BadRequest(f'"{key}" is not supported by this server; leave it out')
-    if body.get("model") is not None and not isinstance(body["model"], str):
-        raise BadRequest(f'"model" must be a string, got {_json_type(body["model"])}')
+    check_model_field(body)
     where = ""
-    echo = False if body.get("echo") is None else _bool(where, "echo", body["echo"])
+    echo = False if body.get("echo") is None else read_bool(where, "echo", body["echo"])
     max_tokens = (DEFAULT_MAX_TOKENS if body.get("max_tokens") is None
-                  else _int(where, "max_tokens", body["max_tokens"], 0, INT32_MAX))
+                  else read_int(where, "max_tokens", body["max_tokens"], 0, INT32_MAX))
     if max_tokens == 0 and not echo:
         raise BadRequest("max_tokens=0 generates nothing and returns nothing: set \"echo\": true to score the "
                          "prompt (with \"logprobs\"), or ask for at least 1 token")
@@ -127,40 +125,18 @@ def parse_completion_request(body: dict, limits: Limits) -> CompletionRequest:
         if isinstance(value, int) and not isinstance(value, bool) and value > limits.max_logprobs:
             raise BadRequest(f"logprobs={value} is over this server's limit: expected an integer in "
                              f"[0, {limits.max_logprobs}] (the engine option max_logprobs)")
-        logprobs = _int(where, "logprobs", value, 0, limits.max_logprobs)
-    kwargs: dict[str, Any] = {"temperature": 1.0}
-    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty"):
-        if body.get(key) is not None:
-            kwargs[key] = _number(where, key, body[key])
-    if not 0 <= kwargs["temperature"] <= CHAT_MAX_TEMPERATURE:
-        raise BadRequest(f"temperature={body['temperature']!r} is out of range: expected a number in "
-                         f"[0, {CHAT_MAX_TEMPERATURE:g}]")
-    if body.get("seed") is not None:
-        kwargs["seed"] = _int(where, "seed", body["seed"], 0, SEED_MAX)
-    if body.get("top_k") is not None:
-        kwargs["top_k"] = max(_int(where, "top_k", body["top_k"], -1, INT32_MAX), 0)  # vLLM: -1 disables
-    if "stop" in body:
-        kwargs["stop_sequences"] = _stop_list(where, "stop", body["stop"])
-    if body.get("stop_token_ids") is not None:
-        kwargs["stop_token_ids"] = _token_ids(where, "stop_token_ids", body["stop_token_ids"], limits.vocab_size)
-    for key in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
-        if body.get(key) is not None:
-            kwargs[key] = _bool(where, key, body[key])
-    n = 1 if body.get("n") is None else _int(where, "n", body["n"], 1, limits.max_n)
-    best_of = None if body.get("best_of") is None else _int(where, "best_of", body["best_of"], 1, limits.max_n)
+        logprobs = read_int(where, "logprobs", value, 0, limits.max_logprobs)
+    kwargs = read_sampling_fields(body, limits.vocab_size,
+                                  ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"))
+    n = 1 if body.get("n") is None else read_int(where, "n", body["n"], 1, limits.max_n)
+    best_of = None if body.get("best_of") is None else read_int(where, "best_of", body["best_of"], 1, limits.max_n)
     if best_of is not None and best_of < n:
         raise BadRequest(f"best_of={best_of} must be >= n={n}")
-    stream = False if body.get("stream") is None else _bool(where, "stream", body["stream"])
+    stream = False if body.get("stream") is None else read_bool(where, "stream", body["stream"])
     if stream and best_of is not None and best_of > n:
         raise BadRequest(f"best_of={best_of} > n={n} is not supported with \"stream\": true (the best sequences "
                          f"are only known at the end)")
-    include_usage = False
-    opts = body.get("stream_options")
-    if opts is not None:
-        if not isinstance(opts, dict):
-            raise BadRequest(f'"stream_options" must be an object, got {_json_type(opts)}')
-        if opts.get("include_usage") is not None:
-            include_usage = _bool(where, "stream_options.include_usage", opts["include_usage"])
+    include_usage = read_include_usage(body)
     kwargs["max_new_tokens"] = max_tokens
     if max_tokens == 0:
         # Scoring: one run of the prompt serves every choice (they would all be the same).
@@ -177,7 +153,7 @@ def parse_completion_request(body: dict, limits: Limits) -> CompletionRequest:
     dropped = [k for k in body if k not in COMPLETION_FIELDS and k not in ADAPTER_FIELDS]
     if dropped:
         logger.warning("dropping unsupported completion request fields: %s", ", ".join(dropped))
-    return CompletionRequest(prompts=prompts, params=_sampling_params(kwargs), n=n, echo=echo, logprobs=logprobs,
+    return CompletionRequest(prompts=prompts, params=sampling_params(kwargs), n=n, echo=echo, logprobs=logprobs,
                              stream=stream, include_usage=include_usage, dropped=dropped)
 
 
@@ -186,10 +162,6 @@ def parse_completion_request(body: dict, limits: Limits) -> CompletionRequest:
 
 def new_completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
-
-
-def _logprob(x: float) -> float:
-    return float(x) if math.isfinite(x) else -9999.0  # OpenAI's floor for impossible tokens
 
 
 class LogprobsBlock:
@@ -212,9 +184,9 @@ class LogprobsBlock:
             return
         alternatives: dict[str, float] = {}
         for alt_text, alt_logprob in top or ():
-            alternatives.setdefault(alt_text, _logprob(alt_logprob))
-        alternatives.setdefault(text, _logprob(logprob))
-        block["token_logprobs"].append(_logprob(logprob))
+            alternatives.setdefault(alt_text, openai_logprob(alt_logprob))
+        alternatives.setdefault(text, openai_logprob(logprob))
+        block["token_logprobs"].append(openai_logprob(logprob))
         block["top_logprobs"].append(alternatives)
 
     def add_prompt(self, out: RequestOutput, k: int, piece: Callable[[int], str]) -> None:
@@ -260,14 +232,14 @@ def completion_choices(req: CompletionRequest, prompt_index: int, text: str, out
             block.add_generated(c.logprobs or [], req.logprobs)
             logprobs = block.take()
         choices.append({"index": prompt_index * req.n + c.index, "text": (text if req.echo else "") + c.text,
-                        "logprobs": logprobs, "finish_reason": chat_finish_reason(c.finish_reason)})
+                        "logprobs": logprobs, "finish_reason": finish_reason(c.finish_reason)})
     return choices
 
 
 def completion_usage(outs: list[RequestOutput], req: CompletionRequest) -> dict:
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
     completion_tokens = sum(len(c.token_ids) for o in outs for c in _choices_of(req, o))
-    return chat_usage(prompt_tokens, completion_tokens)
+    return usage(prompt_tokens, completion_tokens)
 
 
 def completion_response(req: CompletionRequest, texts: list[str], outs: list[RequestOutput], model: str,
@@ -339,7 +311,7 @@ class CompletionStreamBuilder:
                 self.finished.add(index)
             result.append(self._chunk([{
                 "index": index, "text": text, "logprobs": block.take() if req.logprobs is not None else None,
-                "finish_reason": chat_finish_reason(c.finish_reason) if done else None}]))
+                "finish_reason": finish_reason(c.finish_reason) if done else None}]))
         if out.finished:
             self.finals[p] = out
         return result
@@ -348,76 +320,3 @@ class CompletionStreamBuilder:
         chunk = self._chunk([])
         chunk["usage"] = completion_usage([self.finals[p] for p in sorted(self.finals)], self.req)
         return chunk
-
-
-# -- the route --------------------------------------------------------------------------
-
-
-def register_completion_routes(app, state) -> None:
-    @app.post("/v1/completions")
-    def completions():
-        return handle_completion(state)
-
-
-def handle_completion(state):
-    """POST /v1/completions: every prompt is submitted at once (they share the rolling
-    batch), then their outputs are collected in order (or streamed one prompt after the
-    other)."""
-    from . import app as server
-    from .adapters import request_adapters
-
-    start = time.perf_counter()
-    loop = state.ready_loop()
-    body = server._read_body()
-    limits = state.limits(loop)
-    req = parse_completion_request(body, limits)
-    adapters = request_adapters(loop, body, len(req.prompts), batched=len(req.prompts) > 1)
-    completion_id = new_completion_id()
-    streams = []
-    try:
-        for i, (prompt, adapter) in enumerate(zip(req.prompts, adapters)):
-            where = f"prompt[{i}]: " if len(req.prompts) > 1 else ""
-            streams.append(server._submit(loop, f"{completion_id}-{i}", prompt, req.params, req.stream, where,
-                                          adapter=adapter))
-    except BaseException:
-        for s in streams:
-            s.close()
-        raise
-    pieces: dict[int, str] = {}
-
-    def piece(token: int) -> str:  # one token's text, as the logprobs show it
-        text = pieces.get(token)
-        if text is None:
-            text = pieces[token] = loop.decode([token], skip_special_tokens=False)
-        return text
-
-    decode = lambda ids: loop.decode(ids, skip_special_tokens=False)  # noqa: E731
-    texts = [prompt_text(p, decode) if req.echo else "" for p in req.prompts]
-    model = state.model_name
-    if req.stream:
-        builder = CompletionStreamBuilder(req, model, completion_id, [s.request_id for s in streams], texts, piece)
-
-        def encode(record: dict) -> bytes:
-            return f"data: {server.dumps(record)}\n\n".encode("utf-8")
-
-        def produce(out) -> list[bytes]:
-            frames = [encode(c) for c in builder.chunks(out)]
-            if builder.done and len(builder.finals) == len(req.prompts):
-                if req.include_usage:
-                    frames.append(encode(builder.usage_chunk()))
-                frames.append(b"data: [DONE]\n\n")
-            return frames
-
-        body_iter = server._StreamBody(state, streams, produce,
-                                       lambda st, msg: encode(server.openai_error_body(st, msg)),
-                                       [state.metrics.tracker(start) for _ in streams])
-        return server._stream_response(body_iter, server.SSE)
-    try:
-        outs = [server._collect(state, s, state.metrics.tracker(start)) for s in streams]
-    except RuntimeError as e:
-        raise server.ServerError(str(e), 500) from None
-    finally:
-        for s in streams:
-            s.close()
-    return server._json_response(completion_response(req, texts, outs, model, completion_id, int(time.time()),
-                                                     piece))

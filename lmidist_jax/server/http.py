@@ -15,7 +15,7 @@ What waitress gives, and what is added here:
 - Client disconnects: with ``channel_request_lookahead`` the channel keeps reading while
   the app works, so a closed socket is seen at once and
   ``environ["waitress.client_disconnected"]()`` turns True; the app polls it while a
-  request waits for the engine (see ``app.py``).
+  request waits for the engine (see ``streaming.py``).
 - waitress's own errors (413, 431, malformed requests) get the app's JSON error shape.
 """
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 
@@ -33,7 +34,16 @@ from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
+from .schema import error_body_for
+
 logger = logging.getLogger("lmidist_jax.server")
+
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+
+
+def max_body_bytes_from_env() -> int:
+    """The request body limit of ``serve``: ``LMIDIST_JAX_MAX_BODY_BYTES``, else 8 MiB."""
+    return int(os.environ.get("LMIDIST_JAX_MAX_BODY_BYTES") or DEFAULT_MAX_BODY_BYTES)
 
 
 @dataclasses.dataclass
@@ -44,18 +54,12 @@ class HttpSettings:
     connection_limit: int = 512
     request_timeout: float = 30.0   # seconds to send one request's headers and body
     idle_timeout: float = 60.0      # seconds a keep-alive connection may sit idle
-    max_body_bytes: int = 8 * 2**20
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 def error_json(status: int, message: str, path: str | None) -> bytes:
     """The app's error body for ``path`` (OpenAI's shape under /v1/, LMI's elsewhere)."""
-    if path and path.startswith("/v1/"):
-        from .app import openai_error_body
-
-        body = openai_error_body(status, message)
-    else:
-        body = {"code": status, "error": message}
-    return json.dumps(body).encode("utf-8")
+    return json.dumps(error_body_for(path)(status, message)).encode("utf-8")
 
 
 class _JsonErrorTask(ErrorTask):
