@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import queue
 import threading
 import time
-from typing import Callable, Iterator, Sequence as Seq
+from typing import Any, Callable, Iterator, Sequence as Seq
 
 from ..outputs import RequestOutput
 from ..sampling_params import RequestError, SamplingParams
@@ -44,6 +45,41 @@ class EngineShutDown(RuntimeError):
 class RequestCancelled(Exception):
     """Raised by a RequestStream whose ``cancelled`` check said the client went away
     (the request has been aborted)."""
+
+
+# -- the inbox's commands (any thread -> the loop thread) ---------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AddRequest:
+    """Queue a request in the engine (already tokenized and validated by ``submit``)."""
+
+    request_id: str
+    text: str | None
+    token_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    adapter: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortRequest:
+    """Stop a request and free its blocks (its stream has already ended)."""
+
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CallOnEngine:
+    """Run ``fn(engine)`` between two steps; its result or error goes into ``box`` and
+    ``done`` is set."""
+
+    fn: Callable[[LLMEngine], Any]
+    done: threading.Event
+    box: dict
+
+
+Command = AddRequest | AbortRequest | CallOnEngine
 
 
 class TokenizerPool:
@@ -85,7 +121,7 @@ class EngineLoop:
         self._lock = threading.Lock()  # guards the fields below; never held during a step
         self._wake = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)  # notified when _queues empties
-        self._inbox: list[tuple] = []
+        self._inbox: list[Command] = []
         self._queues: dict[str, queue.Queue] = {}
         self._submitted_at: dict[str, int] = {}  # request id -> steps done when it was queued
         self._steps_done = 0
@@ -146,7 +182,7 @@ class EngineLoop:
                 raise RequestError(f"request id {request_id!r} is already in use")
             self._queues[request_id] = q
             self._submitted_at[request_id] = self._steps_done
-            self._inbox.append(("add", request_id, text, ids, params, stream, adapter))
+            self._inbox.append(AddRequest(request_id, text, ids, params, stream, adapter))
             self._wake.notify()
         return RequestStream(self, request_id, q)
 
@@ -160,7 +196,7 @@ class EngineLoop:
                 raise RuntimeError(f"the engine failed: {self.error}")
             if self._stopped:
                 raise RuntimeError("the engine is shutting down")
-            self._inbox.append(("call", fn, done, box))
+            self._inbox.append(CallOnEngine(fn, done, box))
             self._wake.notify()
         if not done.wait(timeout):
             raise TimeoutError(f"the engine did not run the call within {timeout} s")
@@ -175,7 +211,7 @@ class EngineLoop:
             self._submitted_at.pop(request_id, None)
             if q is None:
                 return
-            self._inbox.append(("abort", request_id))
+            self._inbox.append(AbortRequest(request_id))
             self._wake.notify()
             if not self._queues:
                 self._idle.notify_all()
@@ -239,33 +275,38 @@ class EngineLoop:
             **_lora_snapshot(getattr(engine, "lora", None)),
         }
 
-    def _apply(self, commands: list[tuple]) -> None:
+    def _apply(self, commands: list[Command]) -> None:
         for command in commands:
-            if command[0] == "abort":
-                self.engine.abort(command[1])  # its final output finds no queue: dropped
-                continue
-            if command[0] == "call":
-                _, fn, done, box = command
-                try:
-                    box["result"] = fn(self.engine)
-                except Exception as e:  # handed to the caller
-                    box["error"] = e
-                snapshot = self._engine_snapshot()  # /metrics sees the change at once
-                with self._lock:
-                    self._snapshot = {**snapshot, "num_steps": self._steps_done}
-                done.set()
-                continue
-            _, request_id, text, ids, params, stream, adapter = command
-            try:
-                self.engine.add_request(request_id, text if text is not None else ids, params,
-                                        stream=stream, prompt_token_ids=ids, adapter=adapter)
-            except RequestError as e:  # checked in submit already; kept for safety
-                with self._lock:
-                    q = self._queues.pop(request_id, None)
-                    self._submitted_at.pop(request_id, None)
-                if q is not None:
-                    q.put(e)
-                    q.put(_DONE)
+            if isinstance(command, AbortRequest):
+                self.engine.abort(command.request_id)  # its final output finds no queue: dropped
+            elif isinstance(command, CallOnEngine):
+                self._call(command)
+            else:
+                self._add(command)
+
+    def _call(self, command: CallOnEngine) -> None:
+        try:
+            command.box["result"] = command.fn(self.engine)
+        except Exception as e:  # handed to the caller
+            command.box["error"] = e
+        snapshot = self._engine_snapshot()  # /metrics sees the change at once
+        with self._lock:
+            self._snapshot = {**snapshot, "num_steps": self._steps_done}
+        command.done.set()
+
+    def _add(self, command: AddRequest) -> None:
+        request_id = command.request_id
+        try:
+            self.engine.add_request(request_id, command.text if command.text is not None else command.token_ids,
+                                    command.params, stream=command.stream, prompt_token_ids=command.token_ids,
+                                    adapter=command.adapter)
+        except RequestError as e:  # checked in submit already; kept for safety
+            with self._lock:
+                q = self._queues.pop(request_id, None)
+                self._submitted_at.pop(request_id, None)
+            if q is not None:
+                q.put(e)
+                q.put(_DONE)
 
     def _run(self) -> None:
         try:
