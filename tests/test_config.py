@@ -449,3 +449,16 @@ def test_config_is_frozen():
 def test_properties_module_tables():
     assert set(properties_module.ENV_ALIASES.values()) <= set(EngineConfig.option_names())
     assert set(properties_module.ENV_DIRECT.values()) <= set(EngineConfig.option_names())
+
+
+def test_of_takes_a_config_or_a_stand_in():
+    """Readers take typed attributes: a stand-in (an argparse namespace, a partial one in a
+    test) becomes an EngineConfig whose other options keep the one declared default."""
+    import argparse
+
+    config = build({"seed": 7})
+    assert EngineConfig.of(config) is config
+    stand_in = EngineConfig.of(argparse.Namespace(tensor_parallel_degree=2, max_loras=8, verbose=True))
+    assert (stand_in.tensor_parallel_degree, stand_in.max_loras) == (2, 8)
+    assert stand_in.enable_lora is False and stand_in.job_queue_size == EngineConfig().job_queue_size
+    assert not hasattr(stand_in, "verbose")
