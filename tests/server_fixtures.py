@@ -88,6 +88,19 @@ def build_engine_loop(model_dir, warmup=True, **overrides):
     return EngineLoop(engine, job_queue_size=config.job_queue_size), config
 
 
+def serve_in_process(model_dir, **overrides):
+    """Generator for a module fixture: the app over a fresh engine loop, served in this
+    process (``server.config``: the engine config); stopped when the fixture ends."""
+    from lmidist_jax.server import create_app
+
+    loop, config = build_engine_loop(model_dir, **overrides)
+    srv = ServerThread(create_app(loop, config), loop)
+    srv.config = config
+    yield srv
+    srv.close()
+    loop.shutdown()
+
+
 class ServeProcess:
     """``lmidist-jax serve`` in a subprocess. A watcher thread polls /ping from the start
     and records every status it sees until the first 200."""

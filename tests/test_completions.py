@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import requests
 
-from server_fixtures import (ServerThread, build_engine_loop, error_message, parse_json_response, parse_sse,
+from server_fixtures import (error_message, parse_json_response, parse_sse, serve_in_process,
                              tiny_model_dir)
 
 __all__ = ["tiny_model_dir"]  # the fixture, for pytest
@@ -20,14 +20,7 @@ MAX_LOGPROBS = 5  # server_fixtures.ENGINE_OPTIONS
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    from lmidist_jax.server import create_app
-
-    loop, config = build_engine_loop(tiny_model_dir)
-    srv = ServerThread(create_app(loop, config), loop)
-    srv.config = config
-    yield srv
-    srv.close()
-    loop.shutdown()
+    yield from serve_in_process(tiny_model_dir)
 
 
 def complete(server, **body) -> dict:

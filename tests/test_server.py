@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from server_fixtures import (ENGINE_OPTIONS, ServeProcess, ServerThread, build_engine_loop, error_message,
-                             parse_json_response, parse_jsonlines, parse_metrics, parse_sse, tiny_model_dir)
+from server_fixtures import (ENGINE_OPTIONS, ServeProcess, ServerThread, error_message, parse_json_response,
+                             parse_jsonlines, parse_metrics, parse_sse, serve_in_process, tiny_model_dir)
 
 __all__ = ["tiny_model_dir"]  # the fixture, for pytest
 
@@ -51,14 +51,7 @@ def serve_proc(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, serve_proc):
-    loop, config = build_engine_loop(tiny_model_dir)
-    from lmidist_jax.server import create_app
-
-    srv = ServerThread(create_app(loop, config), loop)
-    srv.config = config
-    yield srv
-    srv.close()
-    loop.shutdown()
+    yield from serve_in_process(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
