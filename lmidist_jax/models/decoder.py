@@ -22,8 +22,9 @@ from ..parallel import TP_AXIS
 from .attention import attention_without_cache, paged_attention, paged_cross_attention, write_kv
 from pallas_kernels import fused_ops
 
-from .layers import Embedding, Norm, fused_ops_mode, make_mlp
+from .layers import Embedding, Norm, fused_ops_mode
 from .linear import FusedLayout, LinearSpec, linear_factory, param
+from .mlp_kinds import make_mlp
 from .rope import RotaryEmbedding
 from .spec import ModelSpec
 from .step_metadata import StepMetadata

@@ -1,4 +1,5 @@
-"""Building blocks of the generic decoder: norms, embeddings and the MLP kinds.
+"""Building blocks of the generic decoder: norms, embeddings and the dense MLP kinds
+(gated, plain; the table of MLP kinds is ``mlp_kinds.py``).
 
 Every parameter carries logical axis names (``logical_axes`` metadata) that the
 sharding rules map onto the device mesh. Projections come from the model's linear
@@ -143,17 +144,3 @@ class PlainMLP(nnx.Module):
     def __call__(self, x, md):
         return self.down_proj(self.act(self.up_proj(x, md)), md)
 
-
-from .moe import MoEMLP  # noqa: E402  (it builds Qwen2-MoE's shared expert from GatedMLP)
-
-# spec.mlp_type -> MLP module. Each takes (spec, make_linear, dtype=, mesh=); the dense
-# kinds leave sharding to XLA, the mixture of experts runs its experts per shard.
-MLP_KINDS = {"gated": GatedMLP, "plain": PlainMLP, "moe": MoEMLP}
-
-
-def make_mlp(spec, make_linear, dtype, mesh=None):
-    try:
-        cls = MLP_KINDS[spec.mlp_type]
-    except KeyError:
-        raise ValueError(f"unknown MLP type {spec.mlp_type!r}; available: {', '.join(sorted(MLP_KINDS))}") from None
-    return cls(spec, make_linear, dtype=dtype, mesh=mesh)

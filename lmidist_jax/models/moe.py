@@ -28,6 +28,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from pallas_kernels.grouped_matmul import GROUPED_MATMUL_IMPLS, grouped_matmul
 
 from ..parallel import TP_AXIS
+from .layers import GatedMLP, activation_fn
 from .linear import FusedLayout, LinearSpec, param
 
 MOE_IMPLS = ("auto", "dense") + GROUPED_MATMUL_IMPLS
@@ -152,8 +153,6 @@ class MoEMLP(nnx.Module):
     """Router + stacked gated experts (+ Qwen2-MoE's gated shared expert)."""
 
     def __init__(self, spec, make_linear, *, dtype=None, mesh: Mesh | None = None):
-        from .layers import GatedMLP, activation_fn
-
         num_experts, top_k = spec.num_experts, spec.num_experts_per_token
         if num_experts < 1 or not 1 <= top_k <= num_experts:
             raise ValueError(f"a mixture of experts needs num_experts >= 1 and 1 <= num_experts_per_token <= "
