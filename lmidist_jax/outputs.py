@@ -49,7 +49,10 @@ class RequestOutput:
     text_delta: str = ""
     new_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     error: str | None = None
-    prompt_logprobs: list[float | None] | None = None  # on the final output, when asked for
+    # When asked for, once the prompt has run: one per prompt token (None for the first);
+    # with top_n_tokens, each prompt token's best alternatives [(token id, logprob)] too.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     num_cached_tokens: int = 0
     # With a draft model, on the final output: {"id", "mean_acceptance",
     # "acceptance_history_len", "prompt_size", "output_size"} (engine/spec_decode.py).

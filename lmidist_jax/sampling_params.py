@@ -26,6 +26,11 @@ class SamplingParams:
     Greedy decoding when ``temperature == 0`` or ``do_sample is False``.
     Logprobs are those of the model's own distribution (log-softmax of the raw
     logits), before penalties, temperature or truncation.
+
+    ``max_new_tokens=0`` with ``prompt_logprobs`` makes a scoring request: the prompt's
+    logprobs (and, with ``top_n_tokens``, each prompt position's top alternatives) come
+    back and nothing is generated; its last prompt token is never run (nothing follows
+    it), so its prompt may be one token longer than max_model_len.
     """
 
     max_new_tokens: int = 30
@@ -43,8 +48,11 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: bool = False
-    top_n_tokens: int = 0  # top alternatives per generated token (<= max_logprobs)
+    top_n_tokens: int = 0  # top alternatives per generated (and, with prompt_logprobs, prompt) token
     prompt_logprobs: bool = False  # logprob of every prompt token after the first (no prefix-cache hits)
+    # With prompt_logprobs: only the logprobs of prompt tokens from this index on are wanted;
+    # the tokens before it may come from the prefix cache (their entries are then None).
+    prompt_logprobs_from: int = 0
     n: int = 1
     best_of: int | None = None
     skip_special_tokens: bool = True
@@ -66,8 +74,11 @@ class SamplingParams:
             return RequestError(
                 f"invalid sampling parameter {name}={getattr(self, name)!r}: expected {accepted}")
 
-        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_INT32:
+        if not _is_int(self.max_new_tokens) or not 0 <= self.max_new_tokens <= MAX_INT32:
             raise bad("max_new_tokens", "an integer >= 1")
+        if self.max_new_tokens == 0 and not self.prompt_logprobs:
+            raise bad("max_new_tokens", "an integer >= 1 (0 only with prompt_logprobs=True: score the prompt "
+                                        "without generating)")
         if not _is_number(self.temperature) or not 0 <= self.temperature <= 1e6:
             raise bad("temperature", "a number in [0, 1e6]")
         if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_INT32:
@@ -89,6 +100,8 @@ class SamplingParams:
         if not all(_is_int(t) and 0 <= t <= MAX_INT32 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of integers >= 0")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if not _is_int(self.prompt_logprobs_from) or self.prompt_logprobs_from < 0:
+            raise bad("prompt_logprobs_from", "an integer >= 0 (a prompt token index)")
         if not _is_int(self.top_n_tokens) or self.top_n_tokens < 0:
             raise bad("top_n_tokens", "an integer >= 0")
         if not _is_int(self.n) or not 1 <= self.n <= MAX_SAMPLES:
@@ -101,6 +114,11 @@ class SamplingParams:
     def num_samples(self) -> int:
         """How many sequences to generate (best_of, or n)."""
         return self.best_of or self.n
+
+    @property
+    def scores_only(self) -> bool:
+        """A scoring request: prompt logprobs, no generated token."""
+        return self.max_new_tokens == 0
 
     @property
     def uses_penalties(self) -> bool:

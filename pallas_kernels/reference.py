@@ -177,35 +177,51 @@ def paged_attention_reference(
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 
-def online_softmax_init(num_tokens: int, num_kv_heads: int, group: int, head_dim: int):
-    """(running max, running sum, accumulator) before any key: [T,K,G], [T,K,G], [T,K,G,D]."""
-    return (jnp.full((num_tokens, num_kv_heads, group), MASK_VALUE, jnp.float32),
-            jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
-            jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32))
+def online_softmax_init(num_tokens: int, num_kv_heads: int, group: int, head_dim: int, *,
+                        heads_first: bool = False):
+    """(running max, running sum, accumulator) before any key: [T,K,G], [T,K,G], [T,K,G,D]
+    ([K,G,T], [K,G,T], [K,G,T,D] with ``heads_first``)."""
+    shape = (num_kv_heads, group, num_tokens) if heads_first else (num_tokens, num_kv_heads, group)
+    return (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
 
 
 def online_softmax_update(carry, s, rel, weighted_values, *, sliding_window=None, soft_cap=None, slopes=None,
-                          relative_bias=None, causal: bool = True):
+                          relative_bias=None, causal: bool = True, heads_first: bool = False,
+                          masked: bool = True):
     """One chunk of keys folded into the running softmax. s [T,K,G,J] float32 scores,
     rel [T,J] key position minus query position (<= 0 visible), ``weighted_values(p)``
     -> [T,K,G,D] (p [T,K,G,J]); slopes [K,G] for ALiBi; ``relative_bias`` (T5) a
     :class:`RelativeBias`. Masking, soft cap, ALiBi and relative biases are applied
     here, so every XLA path computes them the same way. ``causal=False`` (an encoder):
-    ``rel`` only feeds the bias, the caller masks through ``rel`` = a large value."""
+    ``rel`` only feeds the bias, the caller masks through ``rel`` = a large value.
+    ``heads_first``: s is [K,G,T,J] and the carry and ``weighted_values`` are laid out
+    [K,G,T(,D)] (the CPU's tiled path: its products are then plain batched matmuls).
+    ``masked=False``: the caller knows every key of the chunk is visible to every query."""
     m, l, acc = carry
-    mask = rel <= 0 if causal else rel < NOT_VISIBLE
-    if sliding_window is not None:
-        mask = mask & (rel > -sliding_window)
+
+    def per_query_key(x):  # [T,J] -> broadcast against s
+        return x[None, None] if heads_first else x[:, None, None, :]
+
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     if slopes is not None:
-        s = s + slopes[None, :, :, None] * rel[:, None, None, :].astype(jnp.float32)
+        heads = slopes[:, :, None, None] if heads_first else slopes[None, :, :, None]
+        s = s + heads * per_query_key(rel.astype(jnp.float32))
     if relative_bias is not None:
-        s = s + relative_bias.bias(rel, s.shape[1], s.shape[2])
-    mask = mask[:, None, None, :]
-    s = jnp.where(mask, s, MASK_VALUE)
+        num_kv_heads, group = (s.shape[0], s.shape[1]) if heads_first else (s.shape[1], s.shape[2])
+        bias = relative_bias.bias(rel, num_kv_heads, group)  # [T,K,G,J]
+        s = s + (jnp.transpose(bias, (1, 2, 0, 3)) if heads_first else bias)
+    if masked:
+        mask = rel <= 0 if causal else rel < NOT_VISIBLE
+        if sliding_window is not None:
+            mask = mask & (rel > -sliding_window)
+        mask = per_query_key(mask)
+        s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    p = jnp.exp(s - m_new[..., None])
+    if masked:  # a query whose keys so far are all masked has m_new = MASK_VALUE: exp(0) = 1
+        p = jnp.where(mask, p, 0.0)
     correction = jnp.exp(m - m_new)
     return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + weighted_values(p)
 

@@ -418,7 +418,7 @@ BAD_REQUESTS = [
      dict(json={"messages": [{"role": "user", "content": LONG}]}), 400, ["max_model_len"]),
     ("v1-unknown-adapter", "POST", "/v1/chat/completions",
      dict(json={"messages": [{"role": "user", "content": "hi"}], "adapter_id": "zz"}), 400, ["unknown adapter"]),
-    ("v1-unknown-route", "POST", "/v1/completions", dict(json={"prompt": "x"}), 404, ["/v1/completions"]),
+    ("v1-unknown-route", "POST", "/v1/embeddings", dict(json={"input": "x"}), 404, ["/v1/embeddings"]),
     # Chat fields outside OpenAI's schema.
     ("chat-role-unknown", "POST", "/v1/chat/completions",
      dict(json={"messages": [{"role": "wizard", "content": "hi"}]}), 400,

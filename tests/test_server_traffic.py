@@ -137,6 +137,58 @@ def test_short_request_and_metrics_do_not_wait_for_a_long_one(served):
     wait_idle(url)
 
 
+def test_short_request_does_not_wait_for_a_long_prompt(served, long_model_dir):
+    """A short request sent while a ~2,000-token prompt is being prefilled (125 chunks of
+    the 16-token budget) gets its first token from the next step that can hold it, not
+    after the long prefill; the long prompt's greedy tokens are those it gets alone."""
+    from lmidist_jax.engine.fast_tokenizer import load_fast_tokenizer
+
+    url = served.url
+    long_text = " ".join(f"item{i}" for i in range(600))
+    num_long_tokens = len(load_fast_tokenizer(long_model_dir).encode(long_text))
+    assert 1500 < num_long_tokens < 3000, num_long_tokens
+    body = {"inputs": long_text, "parameters": {"max_new_tokens": 6, "details": True}}
+
+    def long_tokens(response):
+        assert response.status_code == 200, response.text
+        return [t["id"] for t in response.json()["details"]["tokens"]]
+
+    alone = long_tokens(requests.post(url + "/invocations", json=body, timeout=300))
+    before = metrics(url)
+    result = {}
+
+    def long_request():
+        t = time.perf_counter()
+        result["tokens"] = long_tokens(requests.post(url + "/invocations", json=body, timeout=300))
+        result["seconds"] = time.perf_counter() - t
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    try:
+        # The long prompt is in prefill once the engine runs steps for it.
+        wait_for(lambda: metrics(url)["lmidist_engine_steps"] >= before["lmidist_engine_steps"] + 3, 60,
+                 "the long prompt's first chunks")
+        t = time.perf_counter()
+        short = requests.post(url + "/invocations", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}},
+                              timeout=60)
+        short_seconds = time.perf_counter() - t
+        assert short.status_code == 200, short.text
+        assert thread.is_alive(), "the long prompt finished before the short request was answered"
+    finally:
+        thread.join(300)
+    after = metrics(url)
+    # Its first token came at most 2 steps after it was queued (the step in flight, then
+    # its own), while the long prompt took over 100 steps.
+    count = after["lmidist_steps_to_first_token_count"] - before["lmidist_steps_to_first_token_count"]
+    within_two = (after['lmidist_steps_to_first_token_bucket{le="2.0"}']
+                  - before['lmidist_steps_to_first_token_bucket{le="2.0"}'])
+    assert count == 2 and within_two == 1, (count, within_two)  # the long one's first token: > 2
+    assert after["lmidist_engine_steps"] - before["lmidist_engine_steps"] > num_long_tokens // 16
+    assert short_seconds < result["seconds"] / 3, (short_seconds, result["seconds"])
+    assert result["tokens"] == alone
+    wait_idle(url)
+
+
 # -- disconnects ----------------------------------------------------------------------------
 
 

@@ -244,6 +244,8 @@ def test_logprobs_are_the_targets(self_llm, reference):
         assert [[t for t, _, _ in e.top] for e in got] == [[t for t, _, _ in e.top] for e in want]
         assert ours.prompt_logprobs[0] is None and len(ours.prompt_logprobs) == len(ref.prompt_logprobs)
         np.testing.assert_allclose(ours.prompt_logprobs[1:], ref.prompt_logprobs[1:], atol=1e-4)
+        top_ids = lambda out: [[t for t, _ in e] for e in out.prompt_top_logprobs[1:]]  # noqa: E731
+        assert ours.prompt_top_logprobs[0] is None and top_ids(ours) == top_ids(ref)
 
 
 def test_streaming_abort_and_metrics(self_llm, reference_outputs):

@@ -60,8 +60,35 @@ def test_tiled_matches_reference(case):
     assert _rel(out[:real], ref64) < 1e-4
 
 
+def test_tiled_prompt_chunk_beside_decodes_and_short_prompts():
+    """How the scheduler packs a long prompt's chunk beside others: a decode token, the
+    chunk (positions 150..249), a short prompt and a decode token. The chunk's inner tiles
+    skip the mask on the key chunks every query sees; the tiles at its edges take its run
+    as matrix products (here 31 and 5 tokens, at least query_tile / 8), and the decode
+    tokens and the short prompt gather their own keys. With a sliding window (70) some
+    key chunks are partly visible on both sides of the ones every query sees."""
+    rng = np.random.default_rng()
+    lens, new = [41, 250, 5, 30], [1, 100, 5, 1]
+    k, v = _cache(rng, 2, 32, 40, jnp.float32)
+    bt = _tables(rng, lens, 20, 40)
+    seq_ids = np.concatenate([np.full(m, s) for s, m in enumerate(new)] + [np.full(21, 3)])
+    positions = np.concatenate([np.arange(n - m, n) for n, m in zip(lens, new)] + [np.zeros(21, int)])
+    is_padding = jnp.arange(len(seq_ids)) >= sum(new)
+    seq_ids, positions = jnp.asarray(seq_ids, jnp.int32), jnp.asarray(positions, jnp.int32)
+    q = jnp.asarray(rng.standard_normal((len(seq_ids), 6, 32)), jnp.float32)
+    attn = dict(scale=0.2, sliding_window=70)
+    out = paged_attention_xla(q, k, v, bt, seq_ids, positions, is_padding=is_padding, **attn,
+                              query_tile=32, key_chunk_blocks=1)
+    real = sum(new)
+    ref = paged_attention_reference(q[:real], k, v, bt, seq_ids[:real], positions[:real], **attn)
+    assert _rel(out[:real], ref) < 1e-5
+    ref64 = _numpy_attention(q[:real], k, v, bt, np.asarray(seq_ids[:real]), np.asarray(positions[:real]), **attn)
+    assert _rel(out[:real], ref64) < 1e-4
+
+
 def test_tiled_shuffled_tokens_fall_back_to_per_token():
-    """Any token order is correct (mixed tiles gather per token), as for the kernels."""
+    """Any token order is correct (mixed tiles gather per token, 4 tokens a group), as for
+    the kernels."""
     rng = np.random.default_rng()
     lens, new = [BLOCK + 3, 4 * BLOCK], [BLOCK + 3, 2 * BLOCK]
     k, v = _cache(rng, 2, 32, 16, jnp.float32)
@@ -71,7 +98,8 @@ def test_tiled_shuffled_tokens_fall_back_to_per_token():
     order = rng.permutation(len(seq_ids))
     seq_ids, positions = jnp.asarray(seq_ids[order], jnp.int32), jnp.asarray(positions[order], jnp.int32)
     q = jnp.asarray(rng.standard_normal((len(order), 4, 32)), jnp.float32)
-    out = paged_attention_xla(q, k, v, bt, seq_ids, positions, scale=0.2, query_tile=16, key_chunk_blocks=1)
+    out = paged_attention_xla(q, k, v, bt, seq_ids, positions, scale=0.2, query_tile=16, key_chunk_blocks=1,
+                              gather_rows=4)
     ref = paged_attention_reference(q, k, v, bt, seq_ids, positions, scale=0.2)
     assert _rel(out, ref) < 1e-5
 

@@ -99,14 +99,16 @@ class BlockManager:
             hashes.append(parent)
         return hashes
 
-    def match_prefix(self, token_ids: Seq[int], block_ids: list[int], extra_key=None) -> int:
+    def match_prefix(self, token_ids: Seq[int], block_ids: list[int], extra_key=None,
+                     max_tokens: int | None = None) -> int:
         """For a sequence with no blocks yet: take the cached blocks of its longest cached
-        prefix. Returns the number of tokens they cover. At least one token is always
-        left to compute (its logits are needed)."""
+        prefix, of at most ``max_tokens`` tokens. Returns the number of tokens they cover.
+        At least one token is always left to compute (its logits are needed)."""
         assert not block_ids
         if not self.enable_prefix_caching:
             return 0
-        max_blocks = (len(token_ids) - 1) // self.block_size
+        limit = len(token_ids) - 1 if max_tokens is None else min(max_tokens, len(token_ids) - 1)
+        max_blocks = max(limit, 0) // self.block_size
         for h in self.block_hashes(token_ids, self.block_size, max_blocks, extra_key):  # noqa: B007
             block = self._hash_to_block.get(h)
             if block is None:

@@ -23,9 +23,27 @@ logger = logging.getLogger("lmidist_jax")
 
 CPU_DEFAULT_KV_CACHE_GB = 1.0
 # Prompt tokens per step when max_rolling_batch_prefill_tokens is unset: a longer
-# prompt is prefilled in chunks, with the running requests' decode steps in between
-# (on a 2-core CPU a 2048-token chunk of SmolLM2-135M takes a few seconds).
+# prompt is prefilled in chunks, with the running requests' decode steps in between.
 DEFAULT_PREFILL_TOKENS = 2048
+# On the CPU a step takes time in proportion to its tokens, and every running stream and
+# every request that arrives during a long prompt's prefill waits for the step in flight.
+# Measured (benchmarks/cpu_path.py --phases chunks, SmolLM2-135M fp32, 2 shared cores, a
+# 4,000-token prompt, budgets 256/512/1024/2048 round-robin): prefill 30.3/34.0/31.3/28.8 s
+# (equal within the machine's noise), a 5-token request's time to first token beside it
+# 2.5/3.9/9.1/32 s, a step 1.7/3.3/7.0/17 s.
+CPU_DEFAULT_PREFILL_TOKENS = 256
+
+
+def default_prefill_tokens(spec, max_num_seqs: int) -> int:
+    """The prefill budget when max_rolling_batch_prefill_tokens is unset (before the
+    max_model_len cap): DEFAULT_PREFILL_TOKENS, CPU_DEFAULT_PREFILL_TOKENS on the CPU,
+    and at least one token per sequence. Encoder-decoder models keep
+    DEFAULT_PREFILL_TOKENS everywhere: their encoder prompt runs whole, so the budget
+    bounds the prompt length."""
+    if getattr(spec, "is_encoder_decoder", False):
+        return DEFAULT_PREFILL_TOKENS  # (plus one token per sequence: engine_for_model)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    return max(CPU_DEFAULT_PREFILL_TOKENS if on_cpu else DEFAULT_PREFILL_TOKENS, max_num_seqs)
 
 
 class EngineConfigError(ValueError):
@@ -195,7 +213,8 @@ def engine_for_model(model, tokenizer, config, *, max_model_len: int, warmup: bo
     spec = model.spec
     block_size = config.block_size
     max_num_seqs = config.max_rolling_batch_size
-    max_num_batched_tokens = config.max_rolling_batch_prefill_tokens or min(DEFAULT_PREFILL_TOKENS, max_model_len)
+    max_num_batched_tokens = (config.max_rolling_batch_prefill_tokens
+                              or min(default_prefill_tokens(spec, max_num_seqs), max_model_len))
     if spec.is_encoder_decoder and not config.max_rolling_batch_prefill_tokens:
         # An encoder prompt is never split over steps: the default budget holds a whole
         # prompt beside one decode token of every running sequence (with the budget at

@@ -135,7 +135,14 @@ class LLMEngine:
         n = len(prompt_token_ids)
         if self.spec.is_encoder_decoder:
             self._validate_encoder_prompt(n, params)
-        if n >= self.max_model_len:
+        if params.scores_only:
+            # Its last token is scored, never run: max_model_len positions hold one more token.
+            if n > self.max_model_len + 1:
+                raise RequestError(
+                    f"the prompt has {n} tokens, but max_model_len is {self.max_model_len} (a scoring request, "
+                    f"max_new_tokens=0, runs every prompt token but the last: at most "
+                    f"{self.max_model_len + 1} prompt tokens)")
+        elif n >= self.max_model_len:
             raise RequestError(
                 f"the prompt has {n} tokens, but max_model_len is {self.max_model_len} "
                 f"(prompt + generated tokens must fit; at most {self.max_model_len - 1} prompt tokens)")
@@ -180,6 +187,10 @@ class LLMEngine:
                           adapter=adapter, adapter_uid=adapter_uid, encoder_prompt_token_ids=encoder_ids)
         if params.prompt_logprobs:
             request.prompt_logprobs = [None] * len(ids)
+            if params.top_n_tokens:
+                request.prompt_top_logprobs = [None] * len(ids)
+        if params.scores_only and len(ids) < 2:
+            return self._finish_on_arrival(request)
         base_seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
         for i in range(params.num_samples):
             seq = Sequence(self._next_seq_id, request, i, list(ids), seed=(base_seed + i) % 2**32)
@@ -187,6 +198,17 @@ class LLMEngine:
             request.sequences.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = request
+        return request
+
+    def _finish_on_arrival(self, request: Request) -> Request:
+        """A scoring request with nothing to run (a one-token prompt has no logprob): its
+        output comes with the next step's."""
+        for i in range(request.sampling_params.num_samples):
+            seq = Sequence(self._next_seq_id, request, i, list(request.prompt_token_ids), seed=0,
+                           status=SequenceStatus.FINISHED, finish_reason="length")
+            self._next_seq_id += 1
+            request.sequences.append(seq)
+        self._finished_outputs.append(self._request_output(request, {}))
         return request
 
     # -- LoRA adapters -----------------------------------------------------------------
@@ -279,10 +301,7 @@ class LLMEngine:
         elif not self.scheduler.reserve_decode_steps(sched, num_steps, self.max_model_len):
             num_steps = 1
         result = self.runner.execute(sched, num_steps)
-        for i, lps in result.prompt_logprobs:  # before after_step advances num_computed_tokens
-            seq = sched.scheduled[i].seq
-            start = seq.num_computed_tokens + 1
-            seq.request.prompt_logprobs[start:start + len(lps)] = lps.tolist()
+        self._record_prompt_logprobs(sched, result.prompt_logprobs)  # before num_computed_tokens advances
         self.scheduler.after_step(sched, result.num_tokens)
         if self.speculative is not None:
             self.speculative.record(sched, result.num_tokens)
@@ -291,6 +310,20 @@ class LLMEngine:
         t3 = time.perf_counter()
         self._record_step(t1 - t0, result, t3 - t2)
         return outputs
+
+    @staticmethod
+    def _record_prompt_logprobs(sched: SchedulerOutput, spans) -> None:
+        """Stores a step's prompt logprobs (runner PromptLogprobSpans) in their requests;
+        call before the step advances num_computed_tokens."""
+        for span in spans:
+            seq = sched.scheduled[span.row].seq
+            request = seq.request
+            start = seq.num_computed_tokens + 1 + span.skipped
+            request.prompt_logprobs[start:start + len(span.logprobs)] = span.logprobs.tolist()
+            if span.top_ids is not None and request.prompt_top_logprobs is not None:
+                n = request.sampling_params.top_n_tokens
+                ids, lps = span.top_ids[:, :n].tolist(), span.top_logprobs[:, :n].tolist()
+                request.prompt_top_logprobs[start:start + len(ids)] = [list(zip(i, lp)) for i, lp in zip(ids, lps)]
 
     def _record_step(self, schedule_time: float, result, postprocess_time: float) -> None:
         """Adds one step's times to the stats (``result``: the runner's output, which
@@ -335,6 +368,9 @@ class LLMEngine:
         params = request.sampling_params
         if request.first_token_time is None:
             request.first_token_time = now
+        if params.scores_only:  # the prompt is scored: nothing to append
+            new_tokens.setdefault(request.request_id, {}).setdefault(seq.index, [])
+            return self._finish(seq, "length")
         seq.token_ids.append(token)
         self.stats.num_generated_tokens += 1
         seq.cumulative_logprob += logprob
@@ -407,14 +443,16 @@ class LLMEngine:
         # The request-level deltas follow the first sequence.
         new = per_seq.get(0, [])
         delta = deltas[request.sequences[0].index]
+        # Complete once the prompt has run (by the first token): attached from then on.
+        prompt_done = finished or request.first_token_time is not None
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids, outputs=completions, finished=finished,
             new_token_ids=[t for t, _ in new], text_delta=delta,
             new_logprobs=[e for _, e in new if e is not None],
             error=request.error,
-            # Complete only once the prompt has run; attached to the final output.
-            prompt_logprobs=request.prompt_logprobs if finished else None)
+            prompt_logprobs=request.prompt_logprobs if prompt_done else None,
+            prompt_top_logprobs=request.prompt_top_logprobs if prompt_done else None)
 
     # -- convenience -----------------------------------------------------------------
 

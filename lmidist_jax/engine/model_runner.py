@@ -59,6 +59,28 @@ class StepBatch:
     num_proposals: jax.Array
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PromptLogprobs:
+    """What a step computes for the prompt tokens whose successor's logprob is wanted."""
+
+    logprobs: jax.Array      # [T] f32 log p(next prompt token), 0 where not wanted
+    top_ids: jax.Array       # [T, K] i32 top alternatives (rows whose sequence asked for top_n_tokens)
+    top_logprobs: jax.Array  # [T, K] f32
+
+
+@dataclasses.dataclass
+class PromptLogprobSpan:
+    """One scheduled sequence's prompt logprobs from one step: those of its prompt tokens
+    num_computed_tokens + 1 + skipped on."""
+
+    row: int                         # index in sched.scheduled
+    logprobs: np.ndarray             # [k]
+    top_ids: np.ndarray | None       # [k, K], None when the sequence asked for no alternatives
+    top_logprobs: np.ndarray | None  # [k, K]
+    skipped: int = 0                 # positions of this step before the first wanted one
+
+
 @dataclasses.dataclass
 class ModelRunnerOutput:
     """Per scheduled row: up to N tokens (N = 1, the decode steps, or k + 1 with a draft)."""
@@ -73,8 +95,7 @@ class ModelRunnerOutput:
     num_tokens: np.ndarray
     host_time: float
     device_time: float
-    # (index in sched.scheduled, logprobs of its prompt tokens from num_computed_tokens + 1 on)
-    prompt_logprobs: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[PromptLogprobSpan] = dataclasses.field(default_factory=list)
 
 
 def _pow2_buckets(limit: int, start: int = 1) -> list[int]:
@@ -91,23 +112,84 @@ def _pow2_buckets(limit: int, start: int = 1) -> list[int]:
 PROMPT_LOGPROBS_CHUNK = 256
 
 
-def prompt_token_logprobs(module, hidden, targets):
-    """hidden [T, E], targets [T] (-1 = not wanted) -> [T] f32 log p(target), raw model
-    distribution (no penalties or temperature), 0 where not wanted."""
+def prompt_token_logprobs(module, hidden, targets, top_wanted, num_top: int) -> PromptLogprobs:
+    """hidden [T, E], targets [T] (-1 = not wanted), top_wanted [T] bool -> log p(target)
+    under the raw model distribution (no penalties or temperature; 0 where not wanted) and,
+    where ``top_wanted``, the ``num_top`` best tokens and their logprobs (from the same
+    log-softmax, so a target that is the best token has exactly the best logprob).
+
+    The wanted tokens are moved to the front first and chunks without any are skipped (at
+    run time): scoring a continuation after a long context costs the vocabulary projection
+    of the continuation only."""
     num_tokens = hidden.shape[0]
     chunk = min(num_tokens, PROMPT_LOGPROBS_CHUNK)
     padded = -(-num_tokens // chunk) * chunk
-    hidden = jnp.pad(hidden, ((0, padded - num_tokens), (0, 0)))
-    targets = jnp.pad(targets, (0, padded - num_tokens), constant_values=-1)
+    order = jnp.argsort(targets < 0, stable=True)  # wanted tokens first, in token order
+    hidden = jnp.pad(hidden[order], ((0, padded - num_tokens), (0, 0)))
+    top_wanted = jnp.pad((top_wanted & (targets >= 0))[order], (0, padded - num_tokens))
+    targets = jnp.pad(targets[order], (0, padded - num_tokens), constant_values=-1)
+    no_top = (jnp.zeros((chunk, num_top), jnp.float32), jnp.zeros((chunk, num_top), jnp.int32))
+    empty = (jnp.zeros((chunk,), jnp.float32), no_top[1], no_top[0])
 
-    def one_chunk(_, xs):
-        h, tgt = xs
+    def wanted_chunk(h, tgt, want_top):
         logprobs = jax.nn.log_softmax(module.logits(h), axis=-1)
         lp = jnp.take_along_axis(logprobs, jnp.maximum(tgt, 0)[:, None], axis=-1)[:, 0]
-        return None, jnp.where(tgt >= 0, lp, 0.0)
+        top_lps, top_ids = no_top
+        if num_top:  # the vocabulary-wide top-k only in chunks that hold a token asking for it
+            top_lps, top_ids = jax.lax.cond(jnp.any(want_top), lambda x: tuple(jax.lax.top_k(x, num_top)),
+                                            lambda x: no_top, logprobs)
+        return jnp.where(tgt >= 0, lp, 0.0), top_ids.astype(jnp.int32), top_lps
 
-    _, lps = jax.lax.scan(one_chunk, None, (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk)))
-    return lps.reshape(-1)[:num_tokens]
+    def one_chunk(_, xs):
+        h, tgt, want_top = xs
+        return None, jax.lax.cond(jnp.any(tgt >= 0), wanted_chunk, lambda *_: empty, h, tgt, want_top)
+
+    xs = (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk), top_wanted.reshape(-1, chunk))
+    _, (lps, top_ids, top_lps) = jax.lax.scan(one_chunk, None, xs)
+    # Back to token order.
+    lps = jnp.zeros((num_tokens,), jnp.float32).at[order].set(lps.reshape(-1)[:num_tokens])
+    top_ids = jnp.zeros((num_tokens, num_top), jnp.int32).at[order].set(top_ids.reshape(-1, num_top)[:num_tokens])
+    top_lps = jnp.zeros((num_tokens, num_top), jnp.float32).at[order].set(
+        top_lps.reshape(-1, num_top)[:num_tokens])
+    return PromptLogprobs(lps, top_ids, top_lps)
+
+
+def no_prompt_logprobs(num_tokens: int, num_top: int) -> PromptLogprobs:
+    return PromptLogprobs(jnp.zeros((num_tokens,), jnp.float32), jnp.zeros((num_tokens, num_top), jnp.int32),
+                          jnp.zeros((num_tokens, num_top), jnp.float32))
+
+
+def step_prompt_logprobs(module, hidden, batch: "StepBatch", num_top: int) -> PromptLogprobs:
+    """The step's prompt logprobs, skipped at run time unless a request in the batch asked
+    for them (the plain and the speculative step both call this)."""
+    top_wanted = batch.sampling.top_n[batch.md.token_seq_ids] > 0
+    return jax.lax.cond(
+        jnp.any(batch.prompt_targets >= 0),
+        lambda h, tgt, top: prompt_token_logprobs(module, h, tgt, top, num_top),
+        lambda h, tgt, top: no_prompt_logprobs(tgt.shape[0], num_top),
+        hidden, batch.prompt_targets, top_wanted)
+
+
+def wanted_prompt_logprobs(prompt: PromptLogprobs, spans: list[tuple[int, int, int, bool, int]]
+                           ) -> PromptLogprobs | None:
+    """What of the step's prompt logprobs the host needs: nothing without spans, the top
+    alternatives only when a span asked for them (they are [T, K])."""
+    if not spans:
+        return None
+    if any(span[3] for span in spans):
+        return prompt
+    return dataclasses.replace(prompt, top_ids=None, top_logprobs=None)
+
+
+def prompt_logprob_spans(spans: list[tuple[int, int, int, bool, int]], prompt: PromptLogprobs | None
+                         ) -> list[PromptLogprobSpan]:
+    """Host side: cuts each (row, first token, count, wants top, skipped) span out of the
+    step's prompt logprobs (already on the host)."""
+    if not spans:
+        return []
+    return [PromptLogprobSpan(row, prompt.logprobs[t:t + k], prompt.top_ids[t:t + k] if top else None,
+                              prompt.top_logprobs[t:t + k] if top else None, skipped)
+            for row, t, k, top, skipped in spans]
 
 
 def _bucket(value: int, buckets: list[int]) -> int:
@@ -162,7 +244,7 @@ class ModelRunner:
         self.output_counts = jax.jit(lambda: jnp.zeros((rows, vocab), jnp.int32), out_shardings=rep)()
 
         graphdef = model.graphdef
-        num_top = self.num_top_logprobs
+        num_top = self.num_top_logprobs  # top alternatives of sampled and of prompt tokens
         max_steps = max(1, self.decode_steps)
         k = self.num_speculative_tokens
         block_size = self.block_size
@@ -171,18 +253,15 @@ class ModelRunner:
         def logits_at(module, hidden, index, mesh):
             return parallel.gather_for_sampling(module.logits(hidden[index]), mesh)
 
-        def forward(module, kv_caches, counts, input_ids, token_is_output, token_slots, md, prompt_targets=None):
+        def forward(module, kv_caches, counts, input_ids, token_is_output, token_slots, md, batch=None):
             """The model over the step's tokens, and the penalty bookkeeping of its inputs.
-            Returns (hidden, kv_caches, counts, prompt-token logprobs [T])."""
+            Returns (hidden, kv_caches, counts, prompt-token logprobs); ``batch`` None: no
+            prompt tokens (decode steps)."""
             hidden, kv_caches = module(input_ids, kv_caches, md)
-            if prompt_targets is None:
-                prompt_lps = jnp.zeros(input_ids.shape, jnp.float32)
+            if batch is None:
+                prompt_lps = no_prompt_logprobs(input_ids.shape[0], num_top)
             else:  # skipped at run time unless a request in the batch asked for them
-                prompt_lps = jax.lax.cond(
-                    jnp.any(prompt_targets >= 0),
-                    lambda h, tgt: prompt_token_logprobs(module, h, tgt),
-                    lambda h, tgt: jnp.zeros(tgt.shape, jnp.float32),
-                    hidden, prompt_targets)
+                prompt_lps = step_prompt_logprobs(module, hidden, batch, num_top)
             # Count this step's input tokens (prompt tokens in the mask, generated ones in
             # the counts) in their sequence's row; tokens of the trash row are not counted.
             prompt_mask, output_counts = counts
@@ -194,9 +273,9 @@ class ModelRunner:
             return hidden, kv_caches, counts, prompt_lps
 
         def forward_and_sample(module, kv_caches, counts, input_ids, token_is_output, md, batch: StepBatch,
-                               sampling, prompt_targets=None):
+                               sampling, prompt_tokens: bool = False):
             hidden, kv_caches, counts, prompt_lps = forward(module, kv_caches, counts, input_ids, token_is_output,
-                                                            batch.token_slots, md, prompt_targets)
+                                                            batch.token_slots, md, batch if prompt_tokens else None)
             out = sample(logits_at(module, hidden, md.logits_indices, self.mesh), *counts, batch.slots, sampling,
                          num_top)
             return kv_caches, counts, out, prompt_lps
@@ -204,7 +283,7 @@ class ModelRunner:
         def mixed_step(module, kv_caches, counts, batch: StepBatch):
             kv_caches, counts, out, prompt_lps = forward_and_sample(
                 module, kv_caches, counts, batch.input_ids, batch.token_is_output, batch.md, batch,
-                batch.sampling, batch.prompt_targets)
+                batch.sampling, prompt_tokens=True)
             out = jax.tree_util.tree_map(lambda x: x[:, None], out)  # one token per row
             out = dataclasses.replace(out, num_tokens=jnp.ones(out.token_ids.shape[:1], jnp.int32))
             return kv_caches, counts, out, prompt_lps
@@ -236,7 +315,7 @@ class ModelRunner:
                 0, num_steps, one_step, (kv_caches, counts, batch.input_ids, outs))
             # Decode tokens are never prompt tokens (a recomputed prompt runs as a mixed step).
             outs = dataclasses.replace(outs, num_tokens=jnp.full((num_seqs,), num_steps, jnp.int32))
-            return kv_caches, counts, outs, jnp.zeros(batch.input_ids.shape, jnp.float32)
+            return kv_caches, counts, outs, no_prompt_logprobs(batch.input_ids.shape[0], num_top)
 
         def propose(draft_module, draft_kv, batch: StepBatch, num_steps):
             """The draft's proposals [S, K] for each row (num_proposals of them; num_steps,
@@ -274,8 +353,7 @@ class ModelRunner:
             input_ids = batch.input_ids.at[places].set(proposals, mode="drop")
             # Proposals carry the trash row in token_slots: counted for penalties once accepted.
             hidden, kv_caches, counts, prompt_lps = forward(module, kv_caches, counts, input_ids,
-                                                            batch.token_is_output, batch.token_slots, md,
-                                                            batch.prompt_targets)
+                                                            batch.token_is_output, batch.token_slots, md, batch)
             # The draft computes the same positions, keeping its cache in step with the target's.
             _, draft_kv = draft_module(input_ids, draft_kv, md)
             verified = md.logits_indices[:, None] + jnp.minimum(jnp.arange(k + 1)[None, :],
@@ -356,9 +434,9 @@ class ModelRunner:
         t = _bucket(num_tokens, self.token_buckets)
         return t, min(t, self.seq_buckets[-1])
 
-    def _pack(self, sched: SchedulerOutput) -> tuple[StepBatch, list[tuple[int, int, int]]]:
-        """The step's batch, and the (item index, first token, count) spans of tokens whose
-        next prompt token's logprob is wanted."""
+    def _pack(self, sched: SchedulerOutput) -> tuple[StepBatch, list[tuple[int, int, int, bool, int]]]:
+        """The step's batch, and the (item index, first token, count, wants top, skipped)
+        spans of tokens whose next prompt token's logprob is wanted."""
         decode_only = sched.is_decode_only
         T, S = self.shapes_for(sched.num_tokens, len(sched.scheduled), decode_only)
         if self.lora is not None:  # the step's adapters into device slots
@@ -420,15 +498,14 @@ class ModelRunner:
             self._run_encoder(*encoder_batch)
         out, prompt_lps = self._run(batch, num_steps)
         # One transfer of everything (blocks until the device is done).
-        out, prompt_lps = jax.device_get((out, prompt_lps if prompt_spans else None))
+        out, prompt_lps = jax.device_get((out, wanted_prompt_logprobs(prompt_lps, prompt_spans)))
         t2 = time.perf_counter()
         n = len(sched.scheduled)
-        if prompt_spans:
-            prompt_spans = [(row, prompt_lps[t:t + c]) for row, t, c in prompt_spans]
         samples = np.array([item.samples for item in sched.scheduled], bool)
         return ModelRunnerOutput(out.token_ids[:n], out.logprobs[:n], out.top_ids[:n], out.top_logprobs[:n],
                                  num_tokens=np.where(samples, out.num_tokens[:n], 0),
-                                 host_time=t1 - t0, device_time=t2 - t1, prompt_logprobs=prompt_spans)
+                                 host_time=t1 - t0, device_time=t2 - t1,
+                                 prompt_logprobs=prompt_logprob_spans(prompt_spans, prompt_lps))
 
     def _args(self, batch: StepBatch, num_steps: int):
         if self.draft is None:
@@ -437,8 +514,8 @@ class ModelRunner:
             state, kv_caches = (self.model.state, self.draft.state), (self.kv_caches, self.draft_kv_caches)
         return (state, kv_caches, self.prompt_mask, self.output_counts, batch, np.int32(num_steps))
 
-    def _run(self, batch: StepBatch, num_steps: int = 1) -> tuple[SampleOutput, jax.Array]:
-        """Returns (samples [S, N, ...], prompt-token logprobs [T])."""
+    def _run(self, batch: StepBatch, num_steps: int = 1) -> tuple[SampleOutput, PromptLogprobs]:
+        """Returns (samples [S, N, ...], prompt-token logprobs)."""
         key = (batch.input_ids.shape[0], batch.slots.shape[0], batch.md.decode_only)
         step = self._compiled.get(key)
         if step is None:  # not warmed up
@@ -556,10 +633,11 @@ class StepBatchBuilder:
             presence_penalty=np.zeros(S, np.float32), frequency_penalty=np.zeros(S, np.float32),
             seeds=np.zeros(S, np.uint32), sample_index=np.zeros(S, np.int32), top_n=np.zeros(S, np.int32))
 
-    def add(self, row: int, seq, num_new_tokens: int, num_proposals: int = 0) -> tuple[int, int, int] | None:
+    def add(self, row: int, seq, num_new_tokens: int, num_proposals: int = 0) -> tuple[int, int, int, bool, int] | None:
         """Sequence ``seq`` computes its next ``num_new_tokens`` tokens in row ``row``, then
         verifies ``num_proposals`` draft proposals (put into the places after them on the
-        device). Returns its (row, first token, count) span of wanted prompt logprobs, if any."""
+        device). Returns its (row, first token, count, wants top alternatives, positions skipped
+        before the first) span of wanted prompt logprobs, if any."""
         start, n = seq.num_computed_tokens, num_new_tokens
         tokens = self.metadata.add_sequence(row, seq.block_ids, start, n + num_proposals, num_proposals)
         if self.metadata.cross_lens is not None:  # encoder-decoder: where its encoder's K/V are
@@ -590,11 +668,14 @@ class StepBatchBuilder:
         sampling.sample_index[row] = seq.num_output_tokens
         sampling.top_n[row] = p.top_n_tokens
         if p.prompt_logprobs and seq.index == 0:
-            # The token at position q predicts the prompt token at q + 1.
-            k = max(0, min(start + n, seq.num_prompt_tokens - 1) - start)
-            self.prompt_targets[t:t + k] = seq.token_ids[start + 1:start + 1 + k]
+            # The token at position q predicts the prompt token at q + 1; positions before
+            # prompt_logprobs_from - 1 predict nothing wanted.
+            first = max(start, p.prompt_logprobs_from - 1)
+            k = max(0, min(start + n, seq.num_prompt_tokens - 1) - first)
+            t += first - start
+            self.prompt_targets[t:t + k] = seq.token_ids[first + 1:first + 1 + k]
             if k:
-                return row, t, k
+                return row, t, k, p.top_n_tokens > 0, first - start
         return None
 
     def build(self, decode_only: bool) -> StepBatch:

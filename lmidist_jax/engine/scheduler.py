@@ -7,12 +7,22 @@ tokens), and `after_step` advances each sequence by what the step accepted.
 FCFS. When KV blocks run out, the newest running sequence is preempted by recompute
 (its blocks are freed; it goes back to the front of the queue and later recomputes
 prompt + generated tokens). Nothing is ever dropped.
+
+The budget rule (a long prompt never holds up a short one): decode rows always get
+their token; a prompt's chunk takes what is left after the decode rows and the
+shorter prompts that could run this step (running or waiting), but never less than
+half of what is left after the decode rows. Alone, a prompt takes the whole budget.
+Bound: the oldest prompt in prefill gets at least ceil((B - D) / 2) tokens per step
+(B the budget, D <= max_num_seqs - 1 decode rows), so its prefill takes at most about
+twice the steps it would alone; every prompt becomes the oldest in turn (newcomers are
+younger), so none starves.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
@@ -31,7 +41,7 @@ class ScheduledSequence:
     @property
     def samples(self) -> bool:
         """Whether this step completes the sequence's known tokens, so its logits sample."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens_to_compute
 
 
 @dataclasses.dataclass
@@ -49,7 +59,9 @@ class SchedulerOutput:
 
     @property
     def is_decode_only(self) -> bool:
-        return all(s.num_new_tokens == 1 and s.samples and not s.num_encoder_tokens for s in self.scheduled)
+        # A scoring request's one new token is a prompt token whose successor's logprob is wanted.
+        return all(s.num_new_tokens == 1 and s.samples and not s.num_encoder_tokens
+                   and not s.seq.request.sampling_params.scores_only for s in self.scheduled)
 
 
 class Scheduler:
@@ -108,7 +120,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens_to_compute - seq.num_computed_tokens, budget,
+                    self._chunk_limit(seq, budget, itertools.islice(self.running, i + 1, None),
+                                      () if preempted else self.waiting, self.max_num_seqs - len(self.running)))
             while bm.blocks_needed(seq.block_ids, seq.num_computed_tokens + n) > bm.num_free_blocks:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -142,10 +156,13 @@ class Scheduler:
             if encoder_tokens >= budget:
                 break
             if not seq.block_ids and seq.num_computed_tokens == 0:
-                cached = (bm.match_prefix(seq.token_ids, seq.block_ids, extra_key=seq.request.prefix_cache_key)
-                          if self._may_use_prefix_cache(seq) else 0)
+                limit = self._prefix_cache_limit(seq)
+                cached = (bm.match_prefix(seq.token_ids, seq.block_ids, extra_key=seq.request.prefix_cache_key,
+                                          max_tokens=limit) if limit > 0 else 0)
                 seq.num_computed_tokens = cached
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget - encoder_tokens)
+            n = min(seq.num_tokens_to_compute - seq.num_computed_tokens, budget - encoder_tokens,
+                    self._chunk_limit(seq, budget - encoder_tokens, (), itertools.islice(self.waiting, 1, None),
+                                      self.max_num_seqs - len(self.running) - 1))
             cross_blocks = bm.blocks_needed(seq.cross_block_ids, encoder_tokens)
             if bm.blocks_needed(seq.block_ids, seq.num_computed_tokens + n) + cross_blocks > bm.num_free_blocks:
                 # Not enough room yet: give back any cached blocks it took and wait.
@@ -166,13 +183,46 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return SchedulerOutput(scheduled, preempted)
 
+    def _chunk_limit(self, seq: Sequence, budget: int, running_after, waiting_after, free_slots: int) -> int:
+        """Most new tokens ``seq`` may take from ``budget`` under the budget rule (module
+        docstring): the decode rows in ``running_after`` keep their token; the shorter
+        prompts still to be scheduled this step (the rest of ``running_after``, and those
+        among the next ``free_slots`` of ``waiting_after`` that the free KV blocks could
+        hold) get theirs unless that leaves ``seq`` less than half."""
+        remaining = seq.num_tokens_to_compute - seq.num_computed_tokens
+        if remaining <= 1:
+            return budget  # a decode row (or a prompt's last token)
+        decodes = shorter = 0
+        for other in running_after:
+            left = other.num_tokens_to_compute - other.num_computed_tokens
+            if left == 1:
+                decodes += 1
+            elif left < remaining:
+                shorter += left
+        free_blocks = self.block_manager.num_free_blocks
+        for other in itertools.islice(waiting_after, max(free_slots, 0)):
+            left = other.num_tokens_to_compute - other.num_computed_tokens + other.num_encoder_tokens_to_run
+            blocks = self.block_manager.blocks_needed((), left)
+            if left < remaining and blocks <= free_blocks:
+                shorter += left
+                free_blocks -= blocks
+        available = budget - decodes
+        return max(1, available - shorter, -(-available // 2))
+
     @staticmethod
-    def _may_use_prefix_cache(seq: Sequence) -> bool:
-        # Penalties count prompt tokens on the device as they are computed, and prompt
-        # logprobs come out of the prompt's forward pass; a prefix served from the cache
-        # would skip both, so such requests recompute.
+    def _prefix_cache_limit(seq: Sequence) -> int:
+        """How many leading tokens of ``seq`` may come from the prefix cache. Penalties count
+        prompt tokens on the device as they are computed, and prompt logprobs come out of
+        the prompt's forward pass: a prefix served from the cache would skip both, so such
+        requests recompute (prompt logprobs: from the position before the first wanted one,
+        SamplingParams.prompt_logprobs_from). At least one token is always left to run."""
         params = seq.request.sampling_params
-        return not (params.uses_penalties or params.prompt_logprobs)
+        if params.uses_penalties:
+            return 0
+        limit = seq.num_tokens_to_compute - 1
+        if params.prompt_logprobs:
+            limit = min(limit, max(params.prompt_logprobs_from, 1) - 1)
+        return limit
 
     def reserve_decode_steps(self, output: SchedulerOutput, num_steps: int, max_model_len: int) -> bool:
         """For a decode-only step: make room for ``num_steps`` tokens per sequence so the

@@ -62,6 +62,13 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def num_tokens_to_compute(self) -> int:
+        """Tokens whose forward pass this sequence needs: all of them, except a scoring
+        request's last prompt token (nothing is sampled after it, and its logprob comes
+        from the position before)."""
+        return len(self.token_ids) - self.request.sampling_params.scores_only
+
+    @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
@@ -88,8 +95,10 @@ class Request:
     aborted: bool = False
     # Detokenize as tokens arrive (streaming, stop strings); otherwise once at the end.
     incremental_text: bool = True
-    # With SamplingParams.prompt_logprobs: [num_prompt_tokens], None for the first token.
+    # With SamplingParams.prompt_logprobs: [num_prompt_tokens], None for the first token;
+    # with top_n_tokens too, each prompt token's top alternatives [(token id, logprob)].
     prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
     # LoRA adapter name (None: the base model) and its registration's unique id, which
     # keys the prefix cache (a re-registered name gets a new id).
     adapter: str | None = None

@@ -7,6 +7,7 @@ Routes
 POST /invocations                  LMI ``{"inputs", "parameters", "stream"}``, or chat
 POST /predictions/<model>          same (``<model>`` must be the served model's name)
 POST /v1/chat/completions          OpenAI chat completions (``stream`` -> SSE)
+POST /v1/completions               OpenAI completions (see ``completions.py``)
 GET  /ping                         200 when the engine is ready, 503 while warming up
                                    or after it failed
 GET  /models, GET /v1/models       the one model (DJL-style / OpenAI-style)
@@ -27,7 +28,7 @@ state gives 5xx.
 code   when
 =====  ==============================================================================
 400    body is not valid JSON (incl. NaN/Infinity) or not UTF-8, body is not an object,
-       missing/empty ``inputs`` or ``messages``, a field of the wrong type, a parameter
+       missing/empty ``inputs``, ``messages`` or ``prompt``, a field of the wrong type, a parameter
        out of range (SamplingParams' RequestError), a prompt at or over max_model_len
        or top_n_tokens over max_logprobs (RequestError from add_request), an unknown
        adapter (``adapters``/``adapter_id``, ``?adapter=``, the SageMaker adapter header;
@@ -161,7 +162,7 @@ class ServerState:
         engine = loop.engine
         max_n = getattr(self.config, "max_rolling_batch_size", None) or 16
         return Limits(vocab_size=engine.spec.vocab_size, max_model_len=engine.max_model_len,
-                      max_n=max(1, int(max_n)))
+                      max_n=max(1, int(max_n)), max_logprobs=getattr(engine, "max_logprobs", Limits.max_logprobs))
 
 
 def served_model_name(config) -> str:
@@ -331,8 +332,10 @@ def create_app(engine_loop, config, *, model_name: str | None = None, max_body_b
         return _handle(state, chat_only=True)
 
     from .adapters import register_adapter_routes
+    from .completions import register_completion_routes
 
     register_adapter_routes(app, state, _json_response)
+    register_completion_routes(app, state)
     return app
 
 
@@ -511,15 +514,19 @@ def _stream_response(body_iter: "_StreamBody", content_type: str) -> Response:
 class _StreamBody:
     """The body of a streaming response. Werkzeug calls ``close()`` when the response
     ends, including when the client went away mid-stream: that aborts the request so
-    its KV blocks are freed (even if iteration never started)."""
+    its KV blocks are freed (even if iteration never started).
+
+    ``stream``: a RequestStream, or a list of them whose outputs are sent one stream after
+    the other (their requests run together in the engine meanwhile); ``tracker``: one
+    metrics tracker per stream likewise."""
 
     def __init__(self, state: ServerState, stream, produce: Callable[[Any], list[bytes]],
                  encode_error: Callable[[int, str], bytes], tracker):
         self.state = state
-        self.stream = stream
+        self.streams = stream if isinstance(stream, list) else [stream]
+        self.trackers = tracker if isinstance(tracker, list) else [tracker]
         self.produce = produce
         self.encode_error = encode_error
-        self.tracker = tracker
         self.finished = False
         self.closed = False
         self._gen: Iterator[bytes] | None = None
@@ -531,13 +538,19 @@ class _StreamBody:
     def _generate(self) -> Iterator[bytes]:
         from ..engine.engine_loop import EngineShutDown, RequestCancelled
 
+        stream = self.streams[0]
         try:
-            for out in self.stream:
-                _observe(self.state, self.tracker, self.stream, out)
-                frames = self.produce(out)
-                if out.finished:
-                    self.finished = True
-                yield from frames
+            for stream, tracker in zip(self.streams, self.trackers):
+                stream_finished = False
+                for out in stream:
+                    _observe(self.state, tracker, stream, out)
+                    frames = self.produce(out)
+                    if out.finished:
+                        stream_finished = True
+                        self.finished = stream is self.streams[-1]
+                    yield from frames
+                if not stream_finished:
+                    break
             if not self.finished and not self.closed:
                 self.finished = True
                 yield self.encode_error(500, "the request was aborted before it finished")
@@ -547,10 +560,10 @@ class _StreamBody:
         except RequestCancelled:  # the client left between tokens: nothing more to send
             self.state.metrics.aborted.inc()
             self.finished = True
-            logger.info("client went away: aborted %s", self.stream.request_id)
+            logger.info("client went away: aborted %s", stream.request_id)
         except Exception as e:  # the engine failed mid-stream (GeneratorExit is not an Exception)
             self.finished = True
-            logger.error("stream of %s failed: %s", self.stream.request_id, e)
+            logger.error("stream of %s failed: %s", stream.request_id, e)
             yield self.encode_error(500, str(e))
 
     def close(self) -> None:
@@ -559,8 +572,9 @@ class _StreamBody:
         self.closed = True
         if not self.finished:
             self.state.metrics.aborted.inc()
-            logger.info("client went away: aborting %s", self.stream.request_id)
-        self.stream.close()
+            logger.info("client went away: aborting %s", ", ".join(s.request_id for s in self.streams))
+        for stream in self.streams:  # a finished one ignores it
+            stream.close()
         if self._gen is not None:
             self._gen.close()
 

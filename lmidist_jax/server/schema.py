@@ -160,6 +160,7 @@ class Limits:
     vocab_size: int
     max_model_len: int
     max_n: int = 16
+    max_logprobs: int = 20  # the engine's: top alternatives a request may ask for
 
 
 # -- LMI requests ---------------------------------------------------------------------
