@@ -5,6 +5,8 @@ ordinary pytrees."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec
 from jaxtyping import TypeCheckError
 
+from lmidist_jax.engine.sampler import SamplingBatch, sample
 from lmidist_jax.models.layers import Norm
 from lmidist_jax.models.step_metadata import StepMetadata
 from pallas_kernels import reference
@@ -50,6 +53,21 @@ def test_kernel_reference_with_a_wrong_shape_names_the_dimension():
         reference.write_kv_pages(pages, pages, new, new, jnp.arange(5, dtype=jnp.int32))
     with pytest.raises(TypeCheckError, match=r"(?s)parameter 'k_new'.*head_dim=8"):
         reference.write_kv_pages(pages, pages, jnp.ones((3, 2, 16)), new, slots)
+
+
+def test_sampler_with_a_wrong_vocabulary_names_the_dimension():
+    seqs, vocab = 2, 8
+    f32 = lambda value: np.full(seqs, value, np.float32)  # noqa: E731
+    i32 = lambda value: np.full(seqs, value, np.int32)  # noqa: E731
+    params = SamplingBatch(f32(0), i32(0), f32(1), f32(0), f32(1), f32(0), f32(0), np.zeros(seqs, np.uint32),
+                           i32(0), i32(0))
+    logits, slots = jnp.ones((seqs, vocab)), jnp.arange(seqs, dtype=jnp.int32)
+    counts = jnp.zeros((3, vocab), jnp.int32)
+    assert sample(logits, counts > 0, counts, slots, params, 2).token_ids.shape == (seqs,)
+    with pytest.raises(TypeCheckError, match=r"(?s)parameter 'prompt_mask'.*vocab=8"):
+        sample(logits, jnp.zeros((3, 16), bool), counts, slots, params, 2)
+    with pytest.raises(TypeCheckError, match=r"(?s)parameter 'top_k'.*Actual value: f32\[2\].*Int32\[ndarray, 'seqs'\]"):
+        dataclasses.replace(params, top_k=f32(0))
 
 
 def test_typed_dataclasses_stay_pytrees():
