@@ -20,6 +20,7 @@ directory and renamed into place, so a crash never leaves a half-converted direc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -266,53 +267,52 @@ def _llama3_rope_scaling(rope_freqs: np.ndarray, head_dim: int, theta: float) ->
         "no known llama3 rope_scaling parameters; cannot write an equivalent HF config")
 
 
+@dataclasses.dataclass(frozen=True)
+class _ConfigFamily:
+    """How one GGUF architecture's HF config differs from the others; ``_build_config``
+    writes the keys they share. Defaults are what llama.cpp assumes when a key is missing."""
+
+    architecture: str  # HF ``architectures``
+    model_type: str
+    activation: tuple[str, str]  # (transformers' key for it in this model type, value)
+    rms_norm_eps: float
+    context_length: int
+    head_dim: int | None  # without attention.key_length; None: rope.dimension_count, else hidden / heads
+    # (meta, "arch.", the shared keys, tensor names, path) -> the family's own keys; refuses
+    # what the family cannot express.
+    own_keys: Callable[[dict, str, dict, set[str], Path], dict]
+
+
 def _build_config(meta: dict, tensor_names: set[str], path: Path) -> dict:
+    """An HF config dict (``config.json``) from a GGUF file's metadata."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFConversionError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    if arch == "gemma3":
-        return _build_gemma3_config(meta, tensor_names, path)
+    family = _CONFIG_FAMILIES[arch]
     p = f"{arch}."
     hidden = int(_required(meta, p + "embedding_length", path))
     heads = int(_required(meta, p + "attention.head_count", path))
-    kv_heads = int(meta.get(p + "attention.head_count_kv", heads))
-    head_dim = int(meta.get(p + "attention.key_length", meta.get(p + "rope.dimension_count", hidden // heads)))
-    vocab = _vocab_size(meta, p)
+    head_dim = family.head_dim or meta.get(p + "rope.dimension_count", hidden // heads)
+    activation_key, activation = family.activation
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "hidden_size": hidden,
         "intermediate_size": int(_required(meta, p + "feed_forward_length", path)),
         "num_hidden_layers": int(_required(meta, p + "block_count", path)),
         "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": _f32(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": _f32(meta.get(p + "rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(meta.get(p + "context_length", 2048)),
-        "vocab_size": int(vocab) if vocab is not None else None,
+        "num_key_value_heads": int(meta.get(p + "attention.head_count_kv", heads)),
+        "head_dim": int(meta.get(p + "attention.key_length", head_dim)),
+        activation_key: activation,
+        "rms_norm_eps": _f32(meta.get(p + "attention.layer_norm_rms_epsilon", family.rms_norm_eps)),
+        "max_position_embeddings": int(meta.get(p + "context_length", family.context_length)),
+        "vocab_size": _vocab_size(meta, p),
         "tie_word_embeddings": "output.weight" not in tensor_names,
-        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
-        "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
-        "torch_dtype": "float32",
     }
+    config.update(family.own_keys(meta, p, config, tensor_names, path))
+    config["torch_dtype"] = "float32"
     _add_special_token_ids(config, meta)
-
-    scaling_type = meta.get(p + "rope.scaling.type")
-    if scaling_type not in (None, "none"):
-        scaling: dict[str, Any] = {"rope_type": scaling_type, "factor": float(meta.get(p + "rope.scaling.factor", 1.0))}
-        orig = meta.get(p + "rope.scaling.original_context_length")
-        if orig:
-            scaling["original_max_position_embeddings"] = int(orig)
-        config["rope_scaling"] = scaling
-    if meta.get(p + "rope.dimension_count", head_dim) != head_dim:
-        raise GGUFConversionError(f"{path}: partial rotary embeddings "
-                                  f"(rope.dimension_count={meta[p + 'rope.dimension_count']} != head_dim={head_dim}) "
-                                  "are not supported for llama")
-    if meta.get(p + "expert_count"):
-        raise GGUFConversionError(f"{path}: mixture-of-experts llama GGUF files are not supported")
     return config
 
 
@@ -329,6 +329,30 @@ def _add_special_token_ids(config: dict, meta: dict) -> None:
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
             config[hf_key] = int(token_id)
+
+
+def _llama_keys(meta: dict, p: str, config: dict, tensor_names: set[str], path: Path) -> dict:
+    """Llama: one rope base (+ ``rope_scaling``), biases where the tensors have them."""
+    head_dim = config["head_dim"]
+    if meta.get(p + "rope.dimension_count", head_dim) != head_dim:
+        raise GGUFConversionError(f"{path}: partial rotary embeddings "
+                                  f"(rope.dimension_count={meta[p + 'rope.dimension_count']} != head_dim={head_dim}) "
+                                  "are not supported for llama")
+    if meta.get(p + "expert_count"):
+        raise GGUFConversionError(f"{path}: mixture-of-experts llama GGUF files are not supported")
+    keys: dict[str, Any] = {
+        "rope_theta": _f32(meta.get(p + "rope.freq_base", 10000.0)),
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
+    }
+    scaling_type = meta.get(p + "rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        scaling: dict[str, Any] = {"rope_type": scaling_type, "factor": float(meta.get(p + "rope.scaling.factor", 1.0))}
+        orig = meta.get(p + "rope.scaling.original_context_length")
+        if orig:
+            scaling["original_max_position_embeddings"] = int(orig)
+        keys["rope_scaling"] = scaling
+    return keys
 
 
 def _gemma3_layer_types(meta: dict, n_layers: int, sliding_window: int | None, path: Path) -> list[str]:
@@ -348,28 +372,24 @@ def _gemma3_layer_types(meta: dict, n_layers: int, sliding_window: int | None, p
     return ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(n_layers)]
 
 
-def _build_gemma3_config(meta: dict, tensor_names: set[str], path: Path) -> dict:
-    """An HF Gemma3TextConfig (``Gemma3ForCausalLM``) from gemma3 GGUF metadata.
+def _gemma3_keys(meta: dict, p: str, config: dict, tensor_names: set[str], path: Path) -> dict:
+    """Gemma 3 (``Gemma3TextConfig``): sliding/global layers, a rope base per layer type,
+    the query scale and softcaps, in the layout transformers 5 writes (``layer_types``,
+    ``rope_parameters`` per layer type).
 
     Keys the GGUF file lacks take the values llama.cpp itself assumes for gemma3
     (llama-model.cpp): a sliding-window pattern of 6, a local rope base of 10000 and
     attention scaled by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 62-layer 27B).
-    The layout is what transformers 5 writes (``layer_types``, ``rope_parameters`` per
-    layer type).
     """
-    p = "gemma3."
-    hidden = int(_required(meta, p + "embedding_length", path))
-    heads = int(_required(meta, p + "attention.head_count", path))
-    n_layers = int(_required(meta, p + "block_count", path))
-    kv_heads = int(meta.get(p + "attention.head_count_kv", heads))
-    head_dim = int(meta.get(p + "attention.key_length", 256))
+    head_dim, n_layers = config["head_dim"], config["num_hidden_layers"]
     if int(meta.get(p + "attention.value_length", head_dim)) != head_dim:
         raise GGUFConversionError(f"{path}: gemma3 with value_length != key_length is not supported")
     if int(meta.get(p + "rope.dimension_count", head_dim)) != head_dim:
         raise GGUFConversionError(f"{path}: partial rotary embeddings are not supported for gemma3")
+    if any(name.endswith(".bias") for name in tensor_names):
+        raise GGUFConversionError(f"{path}: gemma3 GGUF files with bias tensors are not supported")
     sliding_window = meta.get(p + "attention.sliding_window")
     sliding_window = int(sliding_window) if sliding_window else None
-    layer_types = _gemma3_layer_types(meta, n_layers, sliding_window, path)
 
     scale = meta.get(p + "attention.scale")
     if scale:  # llama.cpp multiplies the queries by this scale: HF by query_pre_attn_scalar ** -0.5
@@ -377,7 +397,7 @@ def _build_gemma3_config(meta: dict, tensor_names: set[str], path: Path) -> dict
         if query_pre_attn_scalar == int(query_pre_attn_scalar):
             query_pre_attn_scalar = int(query_pre_attn_scalar)
     elif n_layers == 62:  # Gemma 3 27B (llama.cpp: LLM_TYPE_27B)
-        query_pre_attn_scalar = hidden // heads
+        query_pre_attn_scalar = config["hidden_size"] // config["num_attention_heads"]
     else:
         query_pre_attn_scalar = head_dim
 
@@ -395,35 +415,25 @@ def _build_gemma3_config(meta: dict, tensor_names: set[str], path: Path) -> dict
         value = meta.get(p + key)
         return _f32(value) if value else None
 
-    config: dict[str, Any] = {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
-        "hidden_size": hidden,
-        "intermediate_size": int(_required(meta, p + "feed_forward_length", path)),
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "rms_norm_eps": _f32(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-6)),
-        "max_position_embeddings": int(meta.get(p + "context_length", 131072)),
-        "vocab_size": _vocab_size(meta, p),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
+    return {
         "attention_bias": False,
         "attention_dropout": 0.0,
         "query_pre_attn_scalar": query_pre_attn_scalar,
         "sliding_window": sliding_window,
-        "layer_types": layer_types,
+        "layer_types": _gemma3_layer_types(meta, n_layers, sliding_window, path),
         "rope_parameters": {"full_attention": full_rope, "sliding_attention": sliding_rope},
         "final_logit_softcapping": softcap("final_logit_softcapping"),
         "attn_logit_softcapping": softcap("attn_logit_softcapping"),
         "use_bidirectional_attention": False,
-        "torch_dtype": "float32",
     }
-    _add_special_token_ids(config, meta)
-    if any(name.endswith(".bias") for name in tensor_names):
-        raise GGUFConversionError(f"{path}: gemma3 GGUF files with bias tensors are not supported")
-    return config
+
+
+_CONFIG_FAMILIES = {
+    "llama": _ConfigFamily("LlamaForCausalLM", "llama", ("hidden_act", "silu"), rms_norm_eps=1e-5,
+                           context_length=2048, head_dim=None, own_keys=_llama_keys),
+    "gemma3": _ConfigFamily("Gemma3ForCausalLM", "gemma3_text", ("hidden_activation", "gelu_pytorch_tanh"),
+                            rms_norm_eps=1e-6, context_length=131072, head_dim=256, own_keys=_gemma3_keys),
+}
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jaxtyping import Array, ArrayLike, Float, Int32
+
+from pallas_kernels.array_types import KVPages
 
 try:  # Deprecated in JAX 0.11 but still functional on CUDA GPUs.
     from jax.experimental.pallas import triton as plt
@@ -45,7 +48,8 @@ def _store(ref, offs, value, mask):
 # -- residual add + RMSNorm ----------------------------------------------------------------
 
 
-def add_rms_norm_reference(x, delta, scale, *, eps: float, scale_plus_one: bool = False):
+def add_rms_norm_reference(x: Float[ArrayLike, "tokens embed"], delta: Float[ArrayLike, "tokens embed"] | None, scale: Float[ArrayLike, "embed"], *, eps: float,
+                           scale_plus_one: bool = False) -> tuple[Float[Array, "tokens embed"], Float[Array, "tokens embed"]]:
     """(x + delta, RMSNorm(x + delta) * w) in x's dtype, the norm in float32 (delta None:
     no add). The same arithmetic as ``models.layers.Norm``."""
     if delta is not None:
@@ -80,8 +84,9 @@ def _add_rms_norm_kernel(*refs, size, size_p, eps, plus_one, has_delta):
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "scale_plus_one", "interpret", "num_warps"))
-def add_rms_norm(x, delta, scale, *, eps: float, scale_plus_one: bool = False, interpret: bool = False,
-                 num_warps: int | None = None):
+def add_rms_norm(x: Float[ArrayLike, "tokens embed"], delta: Float[ArrayLike, "tokens embed"] | None, scale: Float[ArrayLike, "embed"], *, eps: float,
+                 scale_plus_one: bool = False, interpret: bool = False, num_warps: int | None = None
+                 ) -> tuple[Float[Array, "tokens embed"], Float[Array, "tokens embed"]]:
     """x, delta [T, E] (delta may be None), scale [E] -> (x + delta, normed), one kernel."""
     num_tokens, size = x.shape
     size_p = _next_pow2(size)
@@ -111,7 +116,10 @@ def add_rms_norm(x, delta, scale, *, eps: float, scale_plus_one: bool = False, i
 # -- rotary embeddings + K/V page writes -----------------------------------------------------
 
 
-def rope_write_kv_reference(qkv, cos, sin, k_pages, v_pages, slot_mapping):
+def rope_write_kv_reference(qkv: Float[ArrayLike, "tokens kv_heads parts head_dim"], cos: Float[ArrayLike, "tokens head_dim//2"],
+                            sin: Float[ArrayLike, "tokens head_dim//2"], k_pages: KVPages, v_pages: KVPages,
+                            slot_mapping: Int32[ArrayLike, "tokens"]) -> tuple[Float[Array, "tokens heads head_dim"],
+                                                                           KVPages, KVPages]:
     """qkv [T, KVH, G + 2, D] (per KV head: G query heads, key, value); cos, sin [T, D/2]
     float32 (non-interleaved rotary over all of D) -> (q [T, KVH * G, D] rotated, k_pages,
     v_pages with the rotated keys and the values written at slot_mapping)."""
@@ -173,8 +181,10 @@ def _rope_write_kv_kernel(slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, q_ref
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "num_warps"), donate_argnums=(3, 4))
-def rope_write_kv(qkv, cos, sin, k_pages, v_pages, slot_mapping, *, interpret: bool = False,
-                  num_warps: int = 4):
+def rope_write_kv(qkv: Float[ArrayLike, "tokens kv_heads parts head_dim"], cos: Float[ArrayLike, "tokens head_dim//2"],
+                  sin: Float[ArrayLike, "tokens head_dim//2"], k_pages: KVPages, v_pages: KVPages,
+                  slot_mapping: Int32[ArrayLike, "tokens"], *, interpret: bool = False, num_warps: int = 4
+                  ) -> tuple[Float[Array, "tokens heads head_dim"], KVPages, KVPages]:
     """One kernel for the rotary embedding of q and k, the q/k/v split and the K/V page
     writes; see ``rope_write_kv_reference``. The pages are updated in place (aliased)."""
     num_tokens, kv_heads, g2, head_dim = qkv.shape

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jaxtyping import Array, ArrayLike, Float, Int32
 
 try:  # Deprecated in JAX 0.11 but still functional on CUDA GPUs.
     from jax.experimental.pallas import triton as plt
@@ -70,7 +71,8 @@ def _row_is_grouped(num_rows: int, group_sizes):
     return jnp.arange(num_rows, dtype=jnp.int32) < jnp.sum(group_sizes.astype(jnp.int32))
 
 
-def grouped_matmul_reference(lhs, rhs, group_sizes):
+def grouped_matmul_reference(lhs: Float[ArrayLike, "rows k"], rhs: Float[ArrayLike, "groups k n"],
+                             group_sizes: Int32[ArrayLike, "groups"]) -> Float[Array, "rows n"]:
     """Plain XLA: every row times every group's matrix, each row keeping its own group's
     product (one [M, K] x [K, N] matmul per group). Reads all of ``rhs`` whatever the
     routing; exact and simple (CPU, tests, the benchmark's oracle)."""
@@ -267,7 +269,8 @@ def grouped_matmul_ragged_dot(lhs, rhs, group_sizes):
                               ).astype(lhs.dtype)
 
 
-def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "xla", interpret: bool = False):
+def grouped_matmul(lhs: Float[ArrayLike, "rows k"], rhs: Float[ArrayLike, "groups k n"], group_sizes: Int32[ArrayLike, "groups"],
+                   *, impl: str = "xla", interpret: bool = False) -> Float[Array, "rows n"]:
     """[M, K] rows sorted by group x [G, K, N] -> [M, N]; see the module docstring."""
     if impl == "xla":
         return grouped_matmul_reference(lhs, rhs, group_sizes)

@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jaxtyping import Array, ArrayLike, Float, Float32, Int32
 
 
 def _one_hot(slots, num_slots, dtype):
@@ -26,13 +27,15 @@ def _one_hot(slots, num_slots, dtype):
     return (slots[:, None] == jnp.arange(1, num_slots, dtype=slots.dtype)[None, :]).astype(dtype)
 
 
-def lora_shrink(x, a, slots):
+def lora_shrink(x: Float[ArrayLike, "tokens in_features"], a: Float[ArrayLike, "slots in_features rank"],
+                slots: Int32[ArrayLike, "tokens"]) -> Float32[Array, "tokens rank"]:
     """x [T, in], a [S, in, R], slots [T] -> [T, R] = x[t] @ a[slots[t]] (f32 accumulate)."""
     h = jnp.einsum("ti,sir->tsr", x, a[1:].astype(x.dtype), preferred_element_type=jnp.float32)
     return jnp.einsum("tsr,ts->tr", h, _one_hot(slots, a.shape[0], jnp.float32))
 
 
-def lora_expand(h, b, slots, out_dtype):
+def lora_expand(h: Float[ArrayLike, "tokens rank"], b: Float[ArrayLike, "slots rank out_features"], slots: Int32[ArrayLike, "tokens"],
+                out_dtype) -> Float[Array, "tokens out_features"]:
     """h [T, R], b [S, R, out], slots [T] -> [T, out] = h[t] @ b[slots[t]]."""
     masked = h[:, None, :] * _one_hot(slots, b.shape[0], h.dtype)[:, :, None]  # [T, S - 1, R]
     return jnp.einsum("tsr,sro->to", masked.astype(out_dtype), b[1:].astype(out_dtype),
@@ -72,7 +75,9 @@ def _pad_tokens(arrays, slots, block_t):
 
 
 @functools.partial(jax.jit, static_argnames=("block_t", "interpret"))
-def lora_shrink_pallas(x, a, slots, *, block_t: int = 8, interpret: bool = False):
+def lora_shrink_pallas(x: Float[ArrayLike, "tokens in_features"], a: Float[ArrayLike, "slots in_features rank"],
+                       slots: Int32[ArrayLike, "tokens"], *, block_t: int = 8, interpret: bool = False
+                       ) -> Float32[Array, "tokens rank"]:
     """Same contract as ``lora_shrink``."""
     num_tokens = x.shape[0]
     (x,), slots = _pad_tokens([x], slots.astype(jnp.int32), block_t)
@@ -91,8 +96,9 @@ def lora_shrink_pallas(x, a, slots, *, block_t: int = 8, interpret: bool = False
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_t", "block_out", "interpret"))
-def lora_expand_pallas(h, b, slots, out_dtype, *, block_t: int = 8, block_out: int = 128,
-                       interpret: bool = False):
+def lora_expand_pallas(h: Float[ArrayLike, "tokens rank"], b: Float[ArrayLike, "slots rank out_features"],
+                       slots: Int32[ArrayLike, "tokens"], out_dtype, *, block_t: int = 8, block_out: int = 128,
+                       interpret: bool = False) -> Float[Array, "tokens out_features"]:
     """Same contract as ``lora_expand``."""
     num_tokens = h.shape[0]
     (h,), slots = _pad_tokens([h], slots.astype(jnp.int32), block_t)

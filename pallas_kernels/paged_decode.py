@@ -34,7 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jaxtyping import Array, ArrayLike, Float, Int32
 
+from pallas_kernels.array_types import KVPages
 from pallas_kernels.reference import MASK_VALUE
 
 try:  # Deprecated in JAX 0.11 but still functional on CUDA GPUs.
@@ -249,13 +251,15 @@ def plt_load(ref, offs, mask):
     static_argnames=("scale", "sliding_window", "soft_cap", "interpret", "backend", "num_seqs",
                      "num_splits", "pages_per_compute_block", "num_warps", "num_stages",
                      "block_h", "combine_block_d"))
-def paged_decode_attention(q, k_pages, v_pages, block_tables, seq_lens, *, scale: float,
-                           sliding_window: int | None = None, soft_cap: float | None = None,
-                           alibi_slopes=None, interpret: bool = False,
+def paged_decode_attention(q: Float[ArrayLike, "queries heads head_dim"], k_pages: KVPages, v_pages: KVPages,
+                           block_tables: Int32[ArrayLike, "queries max_blocks"], seq_lens: Int32[ArrayLike, "queries"], *,
+                           scale: float, sliding_window: int | None = None, soft_cap: float | None = None,
+                           alibi_slopes: Float[ArrayLike, "heads"] | None = None, interpret: bool = False,
                            backend: str = "triton", num_seqs: int | None = None, num_splits: int | None = None,
                            pages_per_compute_block: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
-                           block_h: int | None = None, combine_block_d: int | None = None):
+                           block_h: int | None = None, combine_block_d: int | None = None
+                           ) -> Float[Array, "queries heads head_dim"]:
     """Paged decode attention; see the module docstring. Returns [num_queries, num_heads,
     head_dim] in q's dtype.
 

@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jaxtyping import Array, ArrayLike, Float, Int32
 
+from pallas_kernels.array_types import KVPages
 from pallas_kernels.paged_decode import (_next_pow2, check_paged_inputs, key_scores, load_rows, online_softmax_step,
                                          page_offsets, plt)
 from pallas_kernels.reference import MASK_VALUE
@@ -114,13 +116,15 @@ def build_tiles(token_seq_ids, positions, *, block_q: int, num_seq_rows: int, bl
     jax.jit,
     static_argnames=("scale", "sliding_window", "soft_cap", "interpret", "backend", "block_q",
                      "block_m", "pages_per_compute_block", "num_warps", "num_stages"))
-def paged_attention(q, k_pages, v_pages, block_tables, token_seq_ids, positions, *,
-                    scale: float, sliding_window: int | None = None,
-                    soft_cap: float | None = None, alibi_slopes=None, num_blocks_to_scan=None,
+def paged_attention(q: Float[ArrayLike, "tokens heads head_dim"], k_pages: KVPages, v_pages: KVPages,
+                    block_tables: Int32[ArrayLike, "seqs max_blocks"], token_seq_ids: Int32[ArrayLike, "tokens"],
+                    positions: Int32[ArrayLike, "tokens"], *, scale: float, sliding_window: int | None = None,
+                    soft_cap: float | None = None, alibi_slopes: Float[ArrayLike, "heads"] | None = None,
+                    num_blocks_to_scan=None,
                     interpret: bool = False, backend: str = "triton",
                     block_q: int | None = None, block_m: int | None = None,
                     pages_per_compute_block: int | None = None, num_warps: int | None = None,
-                    num_stages: int | None = None):
+                    num_stages: int | None = None) -> Float[Array, "tokens heads head_dim"]:
     """Mixed / chunked-prefill paged attention with the signature of
     `reference.paged_attention_reference`. Returns [num_tokens, num_heads, head_dim].
 

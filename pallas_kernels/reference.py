@@ -23,6 +23,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
+from jaxtyping import Array, ArrayLike, Float, Int32
+
+from pallas_kernels.array_types import KVPages, pytree_dataclass
 
 # Large negative instead of -inf so fully masked rows never produce NaN.
 MASK_VALUE = -1e30
@@ -33,7 +37,7 @@ _GATHER_BUDGET = 1 << 24
 NOT_VISIBLE = 1 << 30
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass
 class RelativeBias:
     """T5's relative position bias: a learned scalar per head and bucket of the relative
@@ -41,7 +45,7 @@ class RelativeBias:
     are exact up to num_buckets / 2 (per direction when bidirectional), then
     logarithmic up to max_distance."""
 
-    table: jax.Array  # [num_heads, num_buckets] float32
+    table: Float[Array, "heads buckets"]
     num_buckets: int = dataclasses.field(metadata=dict(static=True))
     max_distance: int = dataclasses.field(metadata=dict(static=True))
     bidirectional: bool = dataclasses.field(metadata=dict(static=True))
@@ -65,8 +69,8 @@ class RelativeBias:
 
     def bias(self, rel, num_kv_heads: int, group: int):
         """rel [T, J] -> float32 bias [T, K, G, J] (heads grouped as the scores are)."""
-        table = self.table.astype(jnp.float32).reshape(num_kv_heads, group, -1)
-        return jnp.transpose(jnp.take(table, self.buckets(rel), axis=2), (2, 0, 1, 3))
+        table = rearrange(self.table.astype(jnp.float32), "(k g) n -> k g n", k=num_kv_heads)
+        return rearrange(jnp.take(table, self.buckets(rel), axis=2), "k g t j -> t k g j")
 
 
 def shuffled_block_tables(rng: np.random.Generator, lens, *, block_size: int, max_blocks: int,
@@ -85,39 +89,42 @@ def shuffled_block_tables(rng: np.random.Generator, lens, *, block_size: int, ma
     return tables
 
 
-def write_kv_pages(k_pages, v_pages, k_new, v_new, slot_mapping):
+def write_kv_pages(k_pages: KVPages, v_pages: KVPages, k_new: Float[ArrayLike, "tokens kv_heads head_dim"],
+                   v_new: Float[ArrayLike, "tokens kv_heads head_dim"], slot_mapping: Int32[ArrayLike, "tokens"]
+                   ) -> tuple[KVPages, KVPages]:
     """Scatter new keys/values into their pages.
 
     k_new, v_new: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens]
     int32 flat slots (block * block_size + offset). Padding tokens point into the
     trash block 0. Returns the updated (k_pages, v_pages); donate them to update in place.
     """
-    num_kv_heads, num_blocks, block_size, head_dim = k_pages.shape
-    shape = (num_kv_heads, num_blocks * block_size, head_dim)
-    k_flat = k_pages.reshape(shape).at[:, slot_mapping].set(
-        jnp.swapaxes(k_new, 0, 1).astype(k_pages.dtype))
-    v_flat = v_pages.reshape(shape).at[:, slot_mapping].set(
-        jnp.swapaxes(v_new, 0, 1).astype(v_pages.dtype))
-    return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
+    block_size = k_pages.shape[2]
+
+    def write(pages, new):  # slot s = block s // block_size, offset s % block_size
+        flat = rearrange(pages, "k n b d -> k (n b) d").at[:, slot_mapping].set(
+            rearrange(new, "t k d -> k t d").astype(pages.dtype))
+        return rearrange(flat, "k (n b) d -> k n b d", b=block_size)
+
+    return write(k_pages, k_new), write(v_pages, v_new)
 
 
 def paged_attention_reference(
-    q,
-    k_pages,
-    v_pages,
-    block_tables,
-    token_seq_ids,
-    positions,
+    q: Float[ArrayLike, "tokens heads head_dim"],
+    k_pages: KVPages,
+    v_pages: KVPages,
+    block_tables: Int32[ArrayLike, "seqs max_blocks"],
+    token_seq_ids: Int32[ArrayLike, "tokens"],
+    positions: Int32[ArrayLike, "tokens"],
     *,
     scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    alibi_slopes=None,
+    alibi_slopes: Float[ArrayLike, "heads"] | None = None,
     num_blocks_to_scan=None,
     max_chunk_blocks: int | None = None,
     relative_bias=None,
     gather_rows: int | None = None,
-):
+) -> Float[Array, "tokens heads head_dim"]:
     """Attention of each query token over its sequence's paged keys (causal).
 
     Covers decode (one token per sequence), chunked prefill and mixed batches with
@@ -149,16 +156,16 @@ def paged_attention_reference(
     if pad:
         tables = jnp.pad(tables, ((0, 0), (0, pad)))
 
-    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * scale
+    # Query head h reads KV head h // group: the heads grouped by the KV head they share.
+    qg = rearrange(q.astype(jnp.float32), "t (k g) d -> t k g d", k=num_kv_heads) * scale
     if alibi_slopes is not None:
-        slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(num_kv_heads, group)
+        slopes = rearrange(jnp.asarray(alibi_slopes, jnp.float32), "(k g) -> k g", k=num_kv_heads)
 
     def body(c, carry):
         blocks = jax.lax.dynamic_slice_in_dim(tables, c * chunk, chunk, axis=1)  # [T, C]
-        k = k_pages[:, blocks].astype(jnp.float32)  # [K, T, C, BS, D]
-        v = v_pages[:, blocks].astype(jnp.float32)
-        k = k.reshape(num_kv_heads, num_tokens, chunk * block_size, head_dim)
-        v = v.reshape(num_kv_heads, num_tokens, chunk * block_size, head_dim)
+        # Each token's chunk of blocks, gathered as one run of keys: [K, T, C, BS, D] -> [K, T, C*BS, D].
+        k = rearrange(k_pages[:, blocks].astype(jnp.float32), "k t c b d -> k t (c b) d")
+        v = rearrange(v_pages[:, blocks].astype(jnp.float32), "k t c b d -> k t (c b) d")
         s = jnp.einsum("tkgd,ktjd->tkgj", qg, k)  # [T, K, G, C*BS]
         key_pos = c * chunk * block_size + jnp.arange(chunk * block_size)
         rel = key_pos[None, :] - positions[:, None]  # [T, C*BS], <= 0 is visible
@@ -174,7 +181,7 @@ def paged_attention_reference(
         num_chunks = jnp.minimum((num_blocks_to_scan + chunk - 1) // chunk, num_chunks_static)
     _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
     out = acc / jnp.maximum(l, 1e-30)[..., None]
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    return rearrange(out, "t k g d -> t (k g) d").astype(q.dtype)
 
 
 def online_softmax_init(num_tokens: int, num_kv_heads: int, group: int, head_dim: int, *,
@@ -227,9 +234,10 @@ def online_softmax_update(carry, s, rel, weighted_values, *, sliding_window=None
 
 
 def paged_decode_attention_reference(
-    q, k_pages, v_pages, block_tables, seq_lens, *, scale: float,
-    sliding_window=None, soft_cap=None, alibi_slopes=None, relative_bias=None,
-):
+    q: Float[ArrayLike, "queries heads head_dim"], k_pages: KVPages, v_pages: KVPages,
+    block_tables: Int32[ArrayLike, "queries max_blocks"], seq_lens: Int32[ArrayLike, "queries"], *, scale: float,
+    sliding_window=None, soft_cap=None, alibi_slopes: Float[ArrayLike, "heads"] | None = None, relative_bias=None,
+) -> Float[Array, "queries heads head_dim"]:
     """Decode special case: q [num_seqs, num_heads, head_dim], one query per sequence
     at position seq_lens - 1 (seq_lens counts the token being decoded)."""
     num_seqs = q.shape[0]

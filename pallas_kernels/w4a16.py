@@ -55,8 +55,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from jax import lax
 from jax.experimental import pallas as pl
+from jaxtyping import Array, ArrayLike, Float, Int32
 
 try:  # Deprecated in JAX 0.11 but still functional on CUDA GPUs.
     from jax.experimental.pallas import triton as plt
@@ -112,19 +114,15 @@ def unpack_rows(qweight, bits: int, tile_words: int = 1):
     pack = 32 // bits
     shifts = (jnp.arange(pack, dtype=jnp.int32) * bits).reshape((1, pack) + (1,) * (qweight.ndim - 1))
     values = jnp.bitwise_and(lax.shift_right_logical(qweight[:, None], shifts), (1 << bits) - 1)  # [K/P, P, ...]
-    rest = qweight.shape[1:]
-    tiles = qweight.shape[0] // tile_words
     # word t*T + r, value j  ->  row t*P*T + j*T + r
-    values = values.reshape((tiles, tile_words, pack) + rest)
-    values = jnp.swapaxes(values, 1, 2)
-    return values.reshape((qweight.shape[0] * pack,) + rest)
+    return rearrange(values, "(tile word) value ... -> (tile value word) ...", word=tile_words)
 
 
 def pack_rows(values: np.ndarray, bits: int, tile_words: int = 1) -> np.ndarray:
     """numpy inverse of :func:`unpack_rows`: [K, N] values -> [K / P, N] int32."""
     pack = 32 // bits
     k, n = values.shape
-    v = values.astype(np.uint32).reshape(k // (pack * tile_words), pack, tile_words, n)
+    v = rearrange(values.astype(np.uint32), "(tile value word) n -> tile value word n", value=pack, word=tile_words)
     out = np.zeros((k // (pack * tile_words), tile_words, n), np.uint32)
     for j in range(pack):
         out |= v[:, j] << np.uint32(bits * j)
@@ -151,12 +149,16 @@ def _matmul(x, w):
     return lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=_precision(x.dtype))
 
 
-def quant_matmul_reference(x, qweight, scales, zeros, *, bits: int = 4, tile_words: int = 1):
+def quant_matmul_reference(x: Float[ArrayLike, "rows in_features"], qweight: Int32[ArrayLike, "words *out"],
+                           scales: Float[ArrayLike, "groups *out"], zeros: Float[ArrayLike, "groups *out"], *, bits: int = 4,
+                           tile_words: int = 1) -> Float[Array, "rows *out"]:
     """x [M, K] @ dequantize(...) [K, ...] -> [M, ...] (XLA: dequantize, then one matmul)."""
     return _matmul(x, dequantize(qweight, scales, zeros, bits=bits, tile_words=tile_words))
 
 
-def lut_matmul_reference(x, qweight, lut, *, bits: int = 4, tile_words: int = 1):
+def lut_matmul_reference(x: Float[ArrayLike, "rows in_features"], qweight: Int32[ArrayLike, "words *out"],
+                         lut: Float[ArrayLike, "codes *out"], *, bits: int = 4, tile_words: int = 1
+                         ) -> Float[Array, "rows *out"]:
     """x [M, K] @ dequantize_lut(...) [K, ...] -> [M, ...]."""
     return _matmul(x, dequantize_lut(qweight, lut, bits=bits, tile_words=tile_words))
 
@@ -356,8 +358,10 @@ def _quant_kernel(x_ref, q_ref, a_ref, b_ref, magic_ref, *refs, bits, tile_words
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "tile_words", "config", "interpret"))
-def quant_matmul_pallas(x, qweight, scales=None, zeros=None, lut=None, *, bits: int = 4, tile_words: int = 1,
-                        config: KernelConfig | None = None, interpret: bool = False):
+def quant_matmul_pallas(x: Float[ArrayLike, "rows in_features"], qweight: Int32[ArrayLike, "words out"],
+                        scales: Float[ArrayLike, "groups out"] | None = None, zeros: Float[ArrayLike, "groups out"] | None = None,
+                        lut: Float[ArrayLike, "codes out"] | None = None, *, bits: int = 4, tile_words: int = 1,
+                        config: KernelConfig | None = None, interpret: bool = False) -> Float[Array, "rows out"]:
     """x [M, K] @ the packed weight [K / P, N] -> [M, N] in x's dtype; grouped scales and
     zeros, or a codebook ``lut`` [16, N]. ``config``: None = :func:`default_config`."""
     m, k = x.shape
@@ -415,8 +419,10 @@ def quant_matmul_pallas(x, qweight, scales=None, zeros=None, lut=None, *, bits: 
     return out[:m] if rows_out != m else out
 
 
-def quant_matmul(x, qweight, scales=None, zeros=None, lut=None, *, bits: int = 4, tile_words: int = 1,
-                 impl: str = "xla", interpret: bool = False):
+def quant_matmul(x: Float[ArrayLike, "rows in_features"], qweight: Int32[ArrayLike, "words *out"],
+                 scales: Float[ArrayLike, "groups *out"] | None = None, zeros: Float[ArrayLike, "groups *out"] | None = None,
+                 lut: Float[ArrayLike, "codes *out"] | None = None, *, bits: int = 4, tile_words: int = 1,
+                 impl: str = "xla", interpret: bool = False) -> Float[Array, "rows *out"]:
     """x [M, K] @ the packed weight [K / P, N] -> [M, N]; ``impl`` "xla" or "pallas"."""
     if impl == "xla":
         if lut is not None:

@@ -22,7 +22,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Int32
 
+from pallas_kernels.array_types import KVPages
 from pallas_kernels.reference import (
     NOT_VISIBLE, online_softmax_init, online_softmax_update, paged_attention_reference)
 
@@ -49,9 +51,12 @@ MIN_RUN_FRACTION = 8
 _PADDING_ONLY, _ONE_SEQUENCE, _MIXED = 0, 1, 2
 
 
-def paged_decode_attention_xla(q, k_pages, v_pages, block_tables, seq_lens, *, scale: float,
-                               sliding_window=None, soft_cap=None, alibi_slopes=None, relative_bias=None,
-                               num_seqs: int | None = None, chunk_blocks: int = DECODE_CHUNK_BLOCKS):
+def paged_decode_attention_xla(q: Float[ArrayLike, "queries heads head_dim"], k_pages: KVPages, v_pages: KVPages,
+                               block_tables: Int32[ArrayLike, "queries max_blocks"], seq_lens: Int32[ArrayLike, "queries"], *,
+                               scale: float, sliding_window=None, soft_cap=None,
+                               alibi_slopes: Float[ArrayLike, "heads"] | None = None, relative_bias=None,
+                               num_seqs: int | None = None, chunk_blocks: int = DECODE_CHUNK_BLOCKS
+                               ) -> Float[Array, "queries heads head_dim"]:
     """One query per row at position seq_lens - 1 (as
     :func:`reference.paged_decode_attention_reference`); keys are read in chunks of
     ``chunk_blocks`` blocks up to the longest live sequence only. ``num_seqs``: the
@@ -68,10 +73,13 @@ def paged_decode_attention_xla(q, k_pages, v_pages, block_tables, seq_lens, *, s
         max_chunk_blocks=chunk_blocks, gather_rows=num_seqs)
 
 
-def paged_attention_xla(q, k_pages, v_pages, block_tables, token_seq_ids, positions, *,
-                        scale: float, sliding_window=None, soft_cap=None, alibi_slopes=None,
-                        relative_bias=None, is_padding=None, query_tile: int = QUERY_TILE,
-                        key_chunk_blocks: int = KEY_CHUNK_BLOCKS, gather_rows: int = GATHER_ROWS):
+def paged_attention_xla(q: Float[ArrayLike, "tokens heads head_dim"], k_pages: KVPages, v_pages: KVPages,
+                        block_tables: Int32[ArrayLike, "seqs max_blocks"], token_seq_ids: Int32[ArrayLike, "tokens"],
+                        positions: Int32[ArrayLike, "tokens"], *, scale: float, sliding_window=None, soft_cap=None,
+                        alibi_slopes: Float[ArrayLike, "heads"] | None = None, relative_bias=None,
+                        is_padding: Bool[ArrayLike, "tokens"] | None = None, query_tile: int = QUERY_TILE,
+                        key_chunk_blocks: int = KEY_CHUNK_BLOCKS, gather_rows: int = GATHER_ROWS
+                        ) -> Float[Array, "tokens heads head_dim"]:
     """Causal attention of each query token over its sequence's paged keys (the rule of
     :func:`reference.paged_attention_reference`), tiled as the module docstring says.
 
@@ -210,9 +218,12 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, token_seq_ids, positi
     return out.reshape(num_tiles * tile, num_heads, head_dim)[:num_tokens]
 
 
-def packed_attention(q, k, v, token_seq_ids, positions, is_padding, *, scale: float, causal: bool,
-                     sliding_window=None, soft_cap=None, alibi_slopes=None, relative_bias=None,
-                     query_tile: int = PACKED_QUERY_TILE):
+def packed_attention(q: Float[ArrayLike, "tokens heads head_dim"], k: Float[ArrayLike, "tokens kv_heads head_dim"],
+                     v: Float[ArrayLike, "tokens kv_heads head_dim"], token_seq_ids: Int32[ArrayLike, "tokens"],
+                     positions: Int32[ArrayLike, "tokens"], is_padding: Bool[ArrayLike, "tokens"], *, scale: float,
+                     causal: bool, sliding_window=None, soft_cap=None,
+                     alibi_slopes: Float[ArrayLike, "heads"] | None = None, relative_bias=None,
+                     query_tile: int = PACKED_QUERY_TILE) -> Float[Array, "tokens heads head_dim"]:
     """Attention among a step's own tokens, with no cache: each token sees the non-padding
     tokens of its own sequence, all of them (``causal=False``: an encoder) or those at its
     position and before (``causal=True``: a training forward over a padded batch), under

@@ -4,11 +4,11 @@ The option table is in :mod:`lmidist_jax.config.options`. To patch the "not yet
 supported" switches in tests, patch them on ``lmidist_jax.config.options``.
 """
 
+from .errors import ConfigError
 from .options import (
     LORA_OPTIONS,
     NOT_YET_SUPPORTED,
     TENSOR_PARALLEL_SUPPORTED,
-    ConfigError,
     EngineConfig,
     config_from_kwargs,
 )

@@ -88,13 +88,9 @@ from converters.checkpoint import DTYPE_SYNONYMS, DTYPES
 from pallas_kernels import ATTENTION_BACKENDS
 
 from . import properties as _props
+from .errors import ConfigError
 
 logger = logging.getLogger("lmidist_jax")
-
-
-class ConfigError(ValueError):
-    """An option has a value that is not accepted (the message names option, value and
-    what is accepted)."""
 
 
 # Options that are validated, then refused when set to a non-default value. Remove a name

@@ -29,6 +29,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from .errors import ConfigError
+
 logger = logging.getLogger("lmidist_jax")
 
 PROPERTIES_FILE = "serving.properties"
@@ -186,7 +188,5 @@ def _invert_bool(var: str, value: str) -> str:
         return "false"
     if text == "false":
         return "true"
-    from .options import ConfigError
-
     raise ConfigError(f"environment variable {var}={value!r} is not valid: accepted true or false "
                       f"(it sets option.enforce_eager to the opposite)")

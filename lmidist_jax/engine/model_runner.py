@@ -31,6 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
+from jaxtyping import Array, ArrayLike, Bool, Float32, Int32
+
+from pallas_kernels.array_types import pytree_dataclass
 
 from .. import parallel
 from ..models.step_metadata import StepMetadata, StepMetadataBuilder
@@ -43,30 +46,34 @@ from .scheduler import SchedulerOutput
 logger = logging.getLogger("lmidist_jax")
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass
 class StepBatch:
-    input_ids: jax.Array        # [T] i32
-    token_is_output: jax.Array  # [T] bool: generated (vs prompt) token, for penalty counts
-    token_slots: jax.Array      # [T] i32 penalty-count row of each token (trash row for padding)
+    """A step's inputs (host arrays when packed, device arrays inside the step)."""
+
+    input_ids: Int32[ArrayLike, "tokens"]
+    token_is_output: Bool[ArrayLike, "tokens"]  # generated (vs prompt) token, for penalty counts
+    token_slots: Int32[ArrayLike, "tokens"]     # penalty-count row of each token (trash row for padding)
     md: StepMetadata
-    slots: jax.Array            # [S] i32 penalty-count row of each sequence (trash row for padding)
-    reset_slots: jax.Array      # [S] i32 rows to clear before this step (trash row = none)
+    slots: Int32[ArrayLike, "seqs"]             # penalty-count row of each sequence (trash row for padding)
+    reset_slots: Int32[ArrayLike, "seqs"]       # rows to clear before this step (trash row = none)
     sampling: SamplingBatch
-    prompt_targets: jax.Array   # [T] i32 next prompt token whose logprob is wanted (-1 = none)
-    # [S] i32 draft proposals each row verifies, in the places after its last known token
+    prompt_targets: Int32[ArrayLike, "tokens"]  # next prompt token whose logprob is wanted (-1 = none)
+    # Draft proposals each row verifies, in the places after its last known token
     # (md.logits_indices); zeros without a draft.
-    num_proposals: jax.Array
+    num_proposals: Int32[ArrayLike, "seqs"]
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass
 class PromptLogprobs:
     """What a step computes for the prompt tokens whose successor's logprob is wanted."""
 
-    logprobs: jax.Array      # [T] f32 log p(next prompt token), 0 where not wanted
-    top_ids: jax.Array       # [T, K] i32 top alternatives (rows whose sequence asked for top_n_tokens)
-    top_logprobs: jax.Array  # [T, K] f32
+    logprobs: Float32[Array, "tokens"]          # log p(next prompt token), 0 where not wanted
+    # Top alternatives (rows whose sequence asked for top_n_tokens); None when no span of
+    # the step wants them (not fetched to the host).
+    top_ids: Int32[Array, "tokens top"] | None
+    top_logprobs: Float32[Array, "tokens top"] | None
 
 
 @dataclasses.dataclass
@@ -112,10 +119,10 @@ def _pow2_buckets(limit: int, start: int = 1) -> list[int]:
 PROMPT_LOGPROBS_CHUNK = 256
 
 
-def prompt_token_logprobs(module, hidden, targets, top_wanted, num_top: int) -> PromptLogprobs:
-    """hidden [T, E], targets [T] (-1 = not wanted), top_wanted [T] bool -> log p(target)
-    under the raw model distribution (no penalties or temperature; 0 where not wanted) and,
-    where ``top_wanted``, the ``num_top`` best tokens and their logprobs (from the same
+def prompt_token_logprobs(module, hidden: Float[Array, "tokens embed"], targets: Int32[Array, "tokens"],
+                          top_wanted: Bool[Array, "tokens"], num_top: int) -> PromptLogprobs:
+    """Each token's log p(target) under the raw model distribution (no penalties or
+    temperature; 0 where the target is -1: not wanted) and, where ``top_wanted``, the ``num_top`` best tokens and their logprobs (from the same
     log-softmax, so a target that is the best token has exactly the best logprob).
 
     The wanted tokens are moved to the front first and chunks without any are skipped (at

@@ -22,6 +22,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Float32, Int32, UInt32
+
+from pallas_kernels.array_types import pytree_dataclass
 
 # Folded into a sequence's (seed, output position) key so that the draft's samples and
 # the acceptance draws are independent of the target's own sampling noise.
@@ -29,36 +32,40 @@ DRAFT_SALT = 0x5D
 ACCEPT_SALT = 0xAC
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass
 class SamplingBatch:
-    """Per-sequence sampling parameters, [S] each."""
+    """Per-sequence sampling parameters (host arrays when packed, device arrays in the step)."""
 
-    temperature: jax.Array       # f32, 0 = greedy
-    top_k: jax.Array             # i32, 0 = off
-    top_p: jax.Array             # f32, 1 = off
-    min_p: jax.Array             # f32, 0 = off
-    repetition_penalty: jax.Array  # f32, 1 = off
-    presence_penalty: jax.Array  # f32
-    frequency_penalty: jax.Array  # f32
-    seeds: jax.Array             # u32
-    sample_index: jax.Array      # i32 number of output tokens so far (noise position)
-    top_n: jax.Array             # i32 top alternatives wanted (0 = none)
+    temperature: Float32[ArrayLike, "seqs"]         # 0 = greedy
+    top_k: Int32[ArrayLike, "seqs"]                 # 0 = off
+    top_p: Float32[ArrayLike, "seqs"]               # 1 = off
+    min_p: Float32[ArrayLike, "seqs"]               # 0 = off
+    repetition_penalty: Float32[ArrayLike, "seqs"]  # 1 = off
+    presence_penalty: Float32[ArrayLike, "seqs"]
+    frequency_penalty: Float32[ArrayLike, "seqs"]
+    seeds: UInt32[ArrayLike, "seqs"]
+    sample_index: Int32[ArrayLike, "seqs"]          # number of output tokens so far (noise position)
+    top_n: Int32[ArrayLike, "seqs"]                 # top alternatives wanted (0 = none)
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass
 class SampleOutput:
-    token_ids: jax.Array     # [S] i32 ([S, N] where a row may emit several tokens)
-    logprobs: jax.Array      # [S] f32 logprob of the sampled token (model distribution)
-    top_ids: jax.Array       # [S, K] i32
-    top_logprobs: jax.Array  # [S, K] f32
-    # [S] i32 tokens each row emits, for outputs of [S, N] (verified proposals + 1).
-    num_tokens: jax.Array | None = None
+    """Per row: its sampled token(s); ``emitted`` is () for one token a row, (N,) where a
+    row may emit several (decode steps, verified proposals + 1)."""
+
+    token_ids: Int32[Array, "seqs *emitted"]
+    logprobs: Float32[Array, "seqs *emitted"]           # of the sampled token (model distribution)
+    top_ids: Int32[Array, "seqs *emitted top"]
+    top_logprobs: Float32[Array, "seqs *emitted top"]
+    # Tokens each row emits, for outputs of [S, N] (verified proposals + 1).
+    num_tokens: Int32[Array, "seqs"] | None = None
 
 
-def apply_penalties(logits, prompt_mask, output_counts, params: SamplingBatch):
-    """logits [S, V]; prompt_mask [S, V] bool; output_counts [S, V] int32."""
+def apply_penalties(logits: Float[Array, "seqs vocab"], prompt_mask: Bool[Array, "seqs vocab"],
+                    output_counts: Int32[Array, "seqs vocab"], params: SamplingBatch) -> Float[Array, "seqs vocab"]:
+    """Repetition, frequency and presence penalties of each row's counted tokens."""
     seen = prompt_mask | (output_counts > 0)
     rep = params.repetition_penalty[:, None]
     penalized = jnp.where(logits > 0, logits / rep, logits * rep)
@@ -69,7 +76,7 @@ def apply_penalties(logits, prompt_mask, output_counts, params: SamplingBatch):
     return logits
 
 
-def truncation_mask(logits, params: SamplingBatch):
+def truncation_mask(logits: Float[Array, "seqs vocab"], params: SamplingBatch) -> Bool[Array, "seqs vocab"]:
     """Boolean [S, V]: tokens allowed by top-k, top-p and min-p (on temperature-scaled logits)."""
     vocab = logits.shape[-1]
     sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
@@ -147,7 +154,8 @@ def _token_logprobs(model_logprobs, tokens):
     return jnp.take_along_axis(model_logprobs, tokens[..., None], axis=-1)[..., 0]
 
 
-def sample(logits, prompt_mask, output_counts, slots, params: SamplingBatch,
+def sample(logits: Float32[Array, "seqs vocab"], prompt_mask: Bool[Array, "count_rows vocab"],
+           output_counts: Int32[Array, "count_rows vocab"], slots: Int32[Array, "seqs"], params: SamplingBatch,
            num_top_logprobs: int) -> SampleOutput:
     """logits [S, V] float32 -> sampled tokens and logprobs.
 
@@ -162,7 +170,8 @@ def sample(logits, prompt_mask, output_counts, slots, params: SamplingBatch,
     return SampleOutput(tokens, _token_logprobs(model_logprobs, tokens), top_ids, top_logprobs)
 
 
-def sample_proposal(logits, params: SamplingBatch, positions):
+def sample_proposal(logits: Float32[Array, "seqs vocab"], params: SamplingBatch, positions: Int32[Array, "seqs"]
+                    ) -> tuple[Int32[Array, "seqs"], Float32[Array, "seqs vocab"]]:
     """The draft's proposal and the distribution q it was drawn from: logits [S, V] ->
     (tokens [S], q [S, V]). Greedy rows take the argmax (q is then unused)."""
     scaled = _scaled(logits, params)
@@ -170,8 +179,10 @@ def sample_proposal(logits, params: SamplingBatch, positions):
     return _draw(scaled, greedy, params, positions, DRAFT_SALT), jax.nn.softmax(scaled, axis=-1)
 
 
-def rejection_sample(logits, proposals, draft_probs, num_proposals, prompt_mask, output_counts, slots,
-                     params: SamplingBatch, num_top_logprobs: int) -> SampleOutput:
+def rejection_sample(logits: Float32[Array, "seqs positions vocab"], proposals: Int32[Array, "seqs positions-1"],
+                     draft_probs: Float32[Array, "seqs positions-1 vocab"], num_proposals: Int32[Array, "seqs"],
+                     prompt_mask: Bool[Array, "count_rows vocab"], output_counts: Int32[Array, "count_rows vocab"],
+                     slots: Int32[Array, "seqs"], params: SamplingBatch, num_top_logprobs: int) -> SampleOutput:
     """Verifies each row's proposals against the target (see the module docstring).
 
     logits [S, K+1, V]: the target's logits after the row's last known token and after

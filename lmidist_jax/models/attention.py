@@ -8,16 +8,19 @@ import functools
 
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
+from jaxtyping import Array, ArrayLike, Float
 
 import pallas_kernels
 from pallas_kernels import reference, xla_attention
+from pallas_kernels.array_types import KVPages
 
 from ..parallel import TP_AXIS
 from .step_metadata import StepMetadata
 
 
-def paged_attention(q, k_pages, v_pages, md: StepMetadata, *, mesh: Mesh | None, scale: float,
-                    sliding_window=None, soft_cap=None, alibi_slopes=None, relative_bias=None):
+def paged_attention(q: Float[Array, "tokens heads head_dim"], k_pages: KVPages, v_pages: KVPages, md: StepMetadata, *,
+                    mesh: Mesh | None, scale: float, sliding_window=None, soft_cap=None,
+                    alibi_slopes: Float[ArrayLike, "heads"] | None = None, relative_bias=None) -> Float[Array, "tokens heads head_dim"]:
     """q [T, H, D] against the paged cache (which already holds this step's keys).
     With ``mesh`` (tensor parallelism), each device attends its own heads to its own KV
     heads under shard_map. ``relative_bias``: T5's (reference.RelativeBias; one device)."""
@@ -66,11 +69,13 @@ def _paged_attention_local(q, k_pages, v_pages, md: StepMetadata, *, scale: floa
         backend=md.backend, **kwargs)
 
 
-def write_kv(k_pages, v_pages, k_new, v_new, md: StepMetadata):
+def write_kv(k_pages: KVPages, v_pages: KVPages, k_new: Float[Array, "tokens kv_heads head_dim"],
+             v_new: Float[Array, "tokens kv_heads head_dim"], md: StepMetadata) -> tuple[KVPages, KVPages]:
     return reference.write_kv_pages(k_pages, v_pages, k_new, v_new, md.slot_mapping)
 
 
-def paged_cross_attention(q, k_pages, v_pages, md: StepMetadata, *, mesh: Mesh | None, scale: float):
+def paged_cross_attention(q: Float[Array, "tokens heads head_dim"], k_pages: KVPages, v_pages: KVPages, md: StepMetadata, *,
+                          mesh: Mesh | None, scale: float) -> Float[Array, "tokens heads head_dim"]:
     """Non-causal attention of each decoder token q [T, H, D] over its sequence's encoder
     K/V, held in the cross blocks (md.cross_block_tables, md.cross_lens). It is the paged
     attention of every backend with each query placed at its encoder's last position
@@ -81,8 +86,10 @@ def paged_cross_attention(q, k_pages, v_pages, md: StepMetadata, *, mesh: Mesh |
     return paged_attention(q, k_pages, v_pages, cross_md, mesh=mesh, scale=scale)
 
 
-def attention_without_cache(q, k, v, md: StepMetadata, *, scale: float, sliding_window=None, soft_cap=None,
-                            alibi_slopes=None, relative_bias=None):
+def attention_without_cache(q: Float[Array, "tokens heads head_dim"], k: Float[Array, "tokens kv_heads head_dim"],
+                            v: Float[Array, "tokens kv_heads head_dim"], md: StepMetadata, *, scale: float,
+                            sliding_window=None, soft_cap=None, alibi_slopes: Float[ArrayLike, "heads"] | None = None,
+                            relative_bias=None) -> Float[Array, "tokens heads head_dim"]:
     """Attention among the step's own tokens, with no cache: causal when
     ``md.dense_causal`` (a training forward over a padded batch: differentiable, with the
     layer's window, soft cap and ALiBi), else bidirectional (an encoder pass). Padding

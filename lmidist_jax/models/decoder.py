@@ -13,17 +13,21 @@ import math
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 from jax.sharding import Mesh
+from jaxtyping import Array, Float, Float32, Int
 
+from pallas_kernels.array_types import KVPages
 from pallas_kernels.reference import RelativeBias
 
 from ..parallel import TP_AXIS
 from .attention import attention_without_cache, paged_attention, paged_cross_attention, write_kv
 from pallas_kernels import fused_ops
 
-from .layers import Embedding, Norm, fused_ops_mode, make_mlp
+from .layers import Embedding, Norm, fused_ops_mode
 from .linear import FusedLayout, LinearSpec, linear_factory, param
+from .mlp_kinds import make_mlp
 from .rope import RotaryEmbedding
 from .spec import ModelSpec
 from .step_metadata import StepMetadata
@@ -71,7 +75,9 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, kv_cache, md: StepMetadata, rotary: dict, alibi_slopes, relative_bias=None):
+    def __call__(self, x: Float[Array, "tokens embed"], kv_cache: tuple[KVPages, KVPages] | None, md: StepMetadata, rotary: dict,
+                 alibi_slopes: Float[Array, "heads"] | None, relative_bias: RelativeBias | None = None
+                 ) -> tuple[Float[Array, "tokens embed"], tuple[KVPages, KVPages] | None]:
         spec = self.spec
         num_tokens = x.shape[0]
         group = spec.num_heads // self.num_kv_heads
@@ -83,13 +89,14 @@ class Attention(nnx.Module):
             return self._paged_attention(q, k_pages, v_pages, md, alibi_slopes, relative_bias)
         if spec.clip_qkv is not None:
             qkv = jnp.clip(qkv, -spec.clip_qkv, spec.clip_qkv)
-        q = qkv[:, :, :group].reshape(num_tokens, spec.num_heads, spec.head_dim)
+        # Per KV head: its G query heads, its key, its value. Query head h is KV head h // G.
+        q = rearrange(qkv[:, :, :group], "t k g d -> t (k g) d")
         k, v = qkv[:, :, group], qkv[:, :, group + 1]
         if self.q_norm is not None and spec.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         elif self.q_norm is not None:  # over all heads (q is head-sharded under TP: XLA reduces across)
-            q = self.q_norm(q.reshape(num_tokens, -1)).reshape(q.shape)
-            k = self.k_norm(k.reshape(num_tokens, -1)).reshape(k.shape)
+            q = rearrange(self.q_norm(rearrange(q, "t h d -> t (h d)")), "t (h d) -> t h d", d=spec.head_dim)
+            k = rearrange(self.k_norm(rearrange(k, "t k d -> t (k d)")), "t (k d) -> t k d", d=spec.head_dim)
         if self.rope is not None:
             emb, (cos, sin) = rotary[self.rope]
             q, k = emb.apply(q, cos, sin), emb.apply(k, cos, sin)
@@ -97,7 +104,7 @@ class Attention(nnx.Module):
             out = attention_without_cache(q, k, v, md, scale=self.scale, sliding_window=self.sliding_window,
                                           soft_cap=spec.attn_logit_softcap, alibi_slopes=alibi_slopes,
                                           relative_bias=relative_bias)
-            return self.o_proj(out.reshape(num_tokens, spec.q_size), md), None
+            return self.o_proj(rearrange(out, "t h d -> t (h d)"), md), None
         k_pages, v_pages = write_kv(*kv_cache, k, v, md)
         return self._paged_attention(q, k_pages, v_pages, md, alibi_slopes, relative_bias)
 
@@ -108,7 +115,7 @@ class Attention(nnx.Module):
                               sliding_window=self.sliding_window,
                               soft_cap=spec.attn_logit_softcap, alibi_slopes=alibi_slopes,
                               relative_bias=relative_bias)
-        return self.o_proj(out.reshape(q.shape[0], spec.q_size), md), (k_pages, v_pages)
+        return self.o_proj(rearrange(out, "t h d -> t (h d)"), md), (k_pages, v_pages)
 
 
 class CrossAttention(nnx.Module):
@@ -126,15 +133,15 @@ class CrossAttention(nnx.Module):
                                               ("embed", "kv_heads", None, None), fused=layout))
         self.o_proj = make_linear(LinearSpec("cross_o", spec.q_size, (spec.hidden_size,), ("heads", "embed")))
 
-    def write(self, encoder_out, kv_cache, encoder_md: StepMetadata):
-        """encoder_out [E, embed] -> its K/V written at encoder_md.slot_mapping (the cross blocks)."""
+    def write(self, encoder_out: Float[Array, "tokens embed"], kv_cache: tuple[KVPages, KVPages], encoder_md: StepMetadata) -> tuple[KVPages, KVPages]:
+        """The encoder's output -> its K/V written at encoder_md.slot_mapping (the cross blocks)."""
         kv = self.kv_proj(encoder_out, encoder_md)  # [E, KVH, 2, D]
         return write_kv(*kv_cache, kv[:, :, 0], kv[:, :, 1], encoder_md)
 
-    def __call__(self, x, kv_cache, md: StepMetadata):
-        q = self.q_proj(x, md).reshape(x.shape[0], self.spec.num_heads, self.spec.head_dim)
+    def __call__(self, x: Float[Array, "tokens embed"], kv_cache: tuple[KVPages, KVPages], md: StepMetadata) -> Float[Array, "tokens embed"]:
+        q = rearrange(self.q_proj(x, md), "t (h d) -> t h d", d=self.spec.head_dim)
         out = paged_cross_attention(q, *kv_cache, md, mesh=self.mesh, scale=self.spec.scale)
-        return self.o_proj(out.reshape(x.shape[0], self.spec.q_size), md)
+        return self.o_proj(rearrange(out, "t h d -> t (h d)"), md)
 
 
 class DecoderLayer(nnx.Module):
@@ -164,11 +171,15 @@ class DecoderLayer(nnx.Module):
         out = self.mlp(h, md)
         return out if self.mlp_out_norm is None else self.mlp_out_norm(out)
 
-    def __call__(self, x, kv_cache, md, rotary, alibi_slopes, relative_bias=None):
+    def __call__(self, x: Float[Array, "tokens embed"], kv_cache: tuple[KVPages, KVPages] | None, md: StepMetadata, rotary: dict,
+                 alibi_slopes: Float[Array, "heads"] | None, relative_bias: RelativeBias | None = None
+                 ) -> tuple[Float[Array, "tokens embed"], tuple[KVPages, KVPages] | None]:
         x, pending, kv_cache = self.forward(x, None, kv_cache, md, rotary, alibi_slopes, relative_bias)
         return (x if pending is None else x + pending), kv_cache
 
-    def forward(self, x, residual, kv_cache, md, rotary, alibi_slopes, relative_bias=None):
+    def forward(self, x: Float[Array, "tokens embed"], residual: Float[Array, "tokens embed"] | None, kv_cache: tuple[KVPages, KVPages] | None, md: StepMetadata,
+                rotary: dict, alibi_slopes: Float[Array, "heads"] | None, relative_bias: RelativeBias | None = None
+                ) -> tuple[Float[Array, "tokens embed"], Float[Array, "tokens embed"] | None, tuple[KVPages, KVPages] | None]:
         """The layer on input x + residual (residual: the previous layer's last branch
         output, not yet added; None: nothing pending). Returns (x, pending, kv_cache) with
         output x + pending (pending None: x is the output). Leaving the last residual add
@@ -255,8 +266,9 @@ class DecoderModel(nnx.Module):
                         make_linear(LinearSpec("lm_head", embed_size, (spec.vocab_size,),
                                                ("embed", "vocab"), use_bias=spec.lm_head_bias)))
 
-    def __call__(self, token_ids, kv_caches, md: StepMetadata):
-        """token_ids [T] -> (hidden [T, embed], updated kv_caches)."""
+    def __call__(self, token_ids: Int[Array, "tokens"], kv_caches: list | None, md: StepMetadata
+                 ) -> tuple[Float[Array, "tokens embed"], list]:
+        """The step's tokens -> (hidden states, updated kv_caches: one (K, V) pages per layer)."""
         with _matmul_precision(self.dtype):
             return self._forward(token_ids, kv_caches, md)
 
@@ -296,7 +308,7 @@ class DecoderModel(nnx.Module):
         return RelativeBias(table[...].astype(jnp.float32).T, self.spec.relative_num_buckets,
                             self.spec.relative_max_distance, bidirectional)
 
-    def encode(self, token_ids, kv_caches, md: StepMetadata):
+    def encode(self, token_ids: Int[Array, "tokens"], kv_caches: list, md: StepMetadata) -> list:
         """Encoder-decoder models: the encoder over token_ids [E] (tokens of several prompts;
         ``md``: positions within each prompt, token_seq_ids -1 for padding, slot_mapping the
         cross blocks of each token), then every decoder layer's cross-attention K/V written
@@ -309,8 +321,9 @@ class DecoderModel(nnx.Module):
             x = self.encoder_final_norm(x)
             return [layer.cross_attn.write(x, kv_cache, md) for layer, kv_cache in zip(self.layers, kv_caches)]
 
-    def logits(self, hidden, md: StepMetadata | None = None):
-        """hidden [N, embed] -> float32 logits [N, vocab]."""
+    def logits(self, hidden: Float[Array, "rows embed"], md: StepMetadata | None = None
+               ) -> Float32[Array, "rows vocab"]:
+        """Float32 logits of each row of hidden states."""
         if self.spec.head_input_scale is not None:
             hidden = hidden * jnp.asarray(self.spec.head_input_scale, hidden.dtype)
         with _matmul_precision(self.dtype):

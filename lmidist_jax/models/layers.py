@@ -1,4 +1,5 @@
-"""Building blocks of the generic decoder: norms, embeddings and the MLP kinds.
+"""Building blocks of the generic decoder: norms, embeddings and the dense MLP kinds
+(gated, plain; the table of MLP kinds is ``mlp_kinds.py``).
 
 Every parameter carries logical axis names (``logical_axes`` metadata) that the
 sharding rules map onto the device mesh. Projections come from the model's linear
@@ -12,10 +13,12 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Float, Int
 
 from pallas_kernels import fused_ops
 
 from .linear import FusedLayout, LinearSpec, param
+from .step_metadata import StepMetadata
 
 # LMIDIST_FUSED_OPS: "auto" (the fused Pallas glue kernels on GPU backends, XLA on the
 # CPU), "off" (XLA everywhere: the A/B baseline), "interpret" (the kernels in Pallas
@@ -57,7 +60,7 @@ class Norm(nnx.Module):
                    scale_plus_one=spec.norm_scale_plus_one, bias=spec.norm_bias, affine=spec.norm_affine,
                    dtype=dtype)
 
-    def __call__(self, x):
+    def __call__(self, x: Float[Array, "*rows features"]) -> Float[Array, "*rows features"]:
         dtype = x.dtype
         x = x.astype(jnp.float32)
         if self.norm_type == "rms":
@@ -73,7 +76,8 @@ class Norm(nnx.Module):
             x = x + self.bias[...].astype(jnp.float32)
         return x.astype(dtype)
 
-    def add_and_norm(self, x, delta, mode: str | None = None):
+    def add_and_norm(self, x: Float[Array, "tokens features"], delta: Float[Array, "tokens features"] | None,
+                     mode: str | None = None) -> tuple[Float[Array, "tokens features"], Float[Array, "tokens features"]]:
         """(x + delta, norm(x + delta)); delta None: (x, norm(x)). ``mode`` (fused_ops_mode)
         runs an RMSNorm as one fused kernel instead of XLA's add, reduction and scaling."""
         if mode and self.norm_type == "rms" and self.scale is not None:
@@ -88,10 +92,10 @@ class Embedding(nnx.Module):
     def __init__(self, vocab_size: int, size: int, *, dtype=jnp.float32):
         self.embedding = param((vocab_size, size), dtype, ("vocab", "embed"))
 
-    def __call__(self, token_ids):
+    def __call__(self, token_ids: Int[Array, "tokens"]) -> Float[Array, "tokens embed"]:
         return jnp.take(self.embedding[...], token_ids, axis=0)
 
-    def attend(self, x):
+    def attend(self, x: Float[Array, "tokens embed"]) -> Float[Array, "tokens vocab"]:
         """Tied LM head: x [N, embed] -> logits [N, vocab]."""
         return jnp.dot(x, self.embedding[...].astype(x.dtype).T)
 
@@ -126,7 +130,7 @@ class GatedMLP(nnx.Module):
             fused=FusedLayout(axis=0, parts=(("gate", (1, inner)), ("up", (1, inner))))))
         self.down_proj = make_linear(LinearSpec("down", inner, (e,), ("mlp", "embed"), use_bias=spec.mlp_bias))
 
-    def __call__(self, x, md):
+    def __call__(self, x: Float[Array, "tokens embed"], md: StepMetadata | None) -> Float[Array, "tokens embed"]:
         gate_up = self.gate_up_proj(x, md)  # [T, 2, mlp]
         return self.down_proj(self.act(gate_up[:, 0]) * gate_up[:, 1], md)
 
@@ -140,20 +144,6 @@ class PlainMLP(nnx.Module):
         self.up_proj = make_linear(LinearSpec("up", e, (inner,), ("embed", "mlp"), use_bias=spec.mlp_bias))
         self.down_proj = make_linear(LinearSpec("down", inner, (e,), ("mlp", "embed"), use_bias=spec.mlp_bias))
 
-    def __call__(self, x, md):
+    def __call__(self, x: Float[Array, "tokens embed"], md: StepMetadata | None) -> Float[Array, "tokens embed"]:
         return self.down_proj(self.act(self.up_proj(x, md)), md)
 
-
-from .moe import MoEMLP  # noqa: E402  (it builds Qwen2-MoE's shared expert from GatedMLP)
-
-# spec.mlp_type -> MLP module. Each takes (spec, make_linear, dtype=, mesh=); the dense
-# kinds leave sharding to XLA, the mixture of experts runs its experts per shard.
-MLP_KINDS = {"gated": GatedMLP, "plain": PlainMLP, "moe": MoEMLP}
-
-
-def make_mlp(spec, make_linear, dtype, mesh=None):
-    try:
-        cls = MLP_KINDS[spec.mlp_type]
-    except KeyError:
-        raise ValueError(f"unknown MLP type {spec.mlp_type!r}; available: {', '.join(sorted(MLP_KINDS))}") from None
-    return cls(spec, make_linear, dtype=dtype, mesh=mesh)

@@ -20,6 +20,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Float
+
+from .step_metadata import StepMetadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +82,8 @@ class DenseLinear(nnx.Module):
         self.bias = (param(spec.out_shape, dtype, spec.axes[1:], fused=spec.fused)
                      if spec.use_bias else None)
 
-    def __call__(self, x, md=None):
-        """x [T, in] -> [T, *out_shape]."""
+    def __call__(self, x: Float[Array, "tokens in_features"], md: StepMetadata | None = None
+                 ) -> Float[Array, "tokens *out_shape"]:
         kernel = self.kernel[...].astype(x.dtype)
         y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         if self.bias is not None:

@@ -22,13 +22,15 @@ the rank-R partial products across devices) and B takes the kernel's output axes
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
+from jaxtyping import Array, Float
 
 from pallas_kernels.lora import lora_expand, lora_shrink
 from .linear import LINEAR_KINDS, LinearSpec, param
+from .step_metadata import StepMetadata
 
 # Roles that carry adapters (lm_head, project_in/out do not).
 LORA_ROLES = ("qkv", "o", "gate_up", "up", "down")
@@ -70,21 +72,21 @@ class LoraMixin:
             setattr(self, lora_b_name(part), param((num_slots, max_rank, *dims), dtype,
                                                    (None, None, *spec.axes[1:]), kind=LoraB, lora=True))
 
-    def _add_lora(self, y, x, md):
-        """The base output ``y`` [T, *out] plus each token's adapter delta."""
+    def _add_lora(self, y: Float[Array, "tokens *out_shape"], x: Float[Array, "tokens in_features"],
+                  md: StepMetadata | None) -> Float[Array, "tokens *out_shape"]:
+        """The base output ``y`` plus each token's adapter delta."""
         slots = getattr(md, "lora_slots", None)
         if slots is None:
             return y
         a = self.lora_a[...]                            # [S, in, P, R]
-        num_slots, in_features, num_parts, rank = a.shape
-        h = lora_shrink(x, a.reshape(num_slots, in_features, num_parts * rank), slots)  # [T, P * R]
-        h = h.reshape(x.shape[0], num_parts, rank)
+        # Every part's rank-R shrink in one matmul: the parts' A side by side.
+        h = lora_shrink(x, rearrange(a, "s i p r -> s i (p r)"), slots)
+        h = rearrange(h, "t (p r) -> t p r", p=a.shape[2])
         deltas = []
         for j, part in enumerate(self.lora_part_names):
             b = getattr(self, lora_b_name(part))[...]   # [S, R, *dims]
-            dims = b.shape[2:]
-            d = lora_expand(h[:, j], b.reshape(num_slots, rank, math.prod(dims)), slots, y.dtype)
-            deltas.append(d.reshape(x.shape[0], *dims))
+            d = lora_expand(h[:, j], rearrange(b, "s r ... -> s r (...)"), slots, y.dtype)
+            deltas.append(d.reshape(d.shape[:1] + b.shape[2:]))  # back to the part's output dims
         delta = deltas[0] if len(deltas) == 1 else jnp.concatenate(deltas, axis=1 + self.lora_fused_axis)
         return y + delta
 

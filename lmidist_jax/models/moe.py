@@ -22,13 +22,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
+from jaxtyping import Array, Bool, Float, Float32, Int32
 from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels.grouped_matmul import GROUPED_MATMUL_IMPLS, grouped_matmul
 
 from ..parallel import TP_AXIS
+from .layers import GatedMLP, activation_fn
 from .linear import FusedLayout, LinearSpec, param
+from .step_metadata import StepMetadata
 
 MOE_IMPLS = ("auto", "dense") + GROUPED_MATMUL_IMPLS
 
@@ -37,10 +41,11 @@ def expert_gate_up_layout(inner: int) -> FusedLayout:
     return FusedLayout(axis=0, parts=(("gate", (1, inner)), ("up", (1, inner))))
 
 
-def route(router_logits, top_k: int, weight_norm: float | None):
+def route(router_logits: Float[Array, "tokens experts"], top_k: int, weight_norm: float | None
+          ) -> tuple[Float32[Array, "tokens choices"], Int32[Array, "tokens choices"]]:
     """Softmax over all experts in float32, top-k, then (``weight_norm`` p) the chosen
-    weights divided by their p-norm. router_logits [T, E] -> (weights [T, k] float32,
-    experts [T, k] int32).
+    weights divided by their p-norm: the weights and experts of each token's
+    ``top_k`` choices.
 
     Ties: ``lax.top_k`` keeps the lowest expert index first. torch.topk on a CPU breaks
     exact ties in an implementation-defined order, so when tied experts straddle the
@@ -101,7 +106,10 @@ AUTO_PALLAS_MAX_ROWS = 8
 AUTO_RAGGED_MAX_ROWS = 128
 
 
-def dense_experts(x, weights, experts, valid, w_gate_up, w_down, act):
+def dense_experts(x: Float[Array, "tokens embed"], weights: Float32[Array, "tokens choices"],
+                  experts: Int32[Array, "tokens choices"], valid: Bool[Array, "tokens"],
+                  w_gate_up: Float[Array, "experts embed 2 mlp"], w_down: Float[Array, "experts mlp embed"],
+                  act) -> Float32[Array, "tokens embed"]:
     """Every token through every expert; the choices combined by their weights.
     x [T, embed], weights/experts [T, k], w_gate_up [E, embed, 2, mlp], w_down [E, mlp, embed]
     -> [T, embed] float32 (a partial sum when the mlp axis is a shard)."""
@@ -116,29 +124,36 @@ def dense_experts(x, weights, experts, valid, w_gate_up, w_down, act):
     return jnp.einsum("te,teh->th", combine, y.astype(jnp.float32), precision=precision)
 
 
-def grouped_experts(x, weights, experts, valid, w_gate_up, w_down, act, impl: str, interpret: bool = False):
+def grouped_experts(x: Float[Array, "tokens embed"], weights: Float32[Array, "tokens choices"],
+                    experts: Int32[Array, "tokens choices"], valid: Bool[Array, "tokens"],
+                    w_gate_up: Float[Array, "experts embed 2 mlp"], w_down: Float[Array, "experts mlp embed"],
+                    act, impl: str, interpret: bool = False) -> Float32[Array, "tokens embed"]:
     """The (token, choice) pairs sorted by expert through two grouped matmuls; same
     contract as ``dense_experts``. Padding tokens sort last, outside every group."""
     num_tokens = experts.shape[0]
-    num_experts, embed, _, inner = w_gate_up.shape
+    num_experts, embed = w_gate_up.shape[:2]
     order, row_token, group_sizes = sort_by_expert(experts, valid, num_experts)
     rows = jnp.take(x, row_token, axis=0)  # [T*k, embed], grouped by expert
-    h = grouped_matmul(rows, w_gate_up.reshape(num_experts, embed, 2 * inner), group_sizes, impl=impl,
-                       interpret=interpret).reshape(-1, 2, inner)
+    # Gate and up of each expert as one [embed, 2 * mlp] matrix of the grouped matmul.
+    h = grouped_matmul(rows, rearrange(w_gate_up, "e h c i -> e h (c i)"), group_sizes, impl=impl,
+                       interpret=interpret)
+    h = rearrange(h, "r (c i) -> r c i", c=2)
     y = grouped_matmul(act(h[:, 0]) * h[:, 1], w_down, group_sizes, impl=impl, interpret=interpret)
     grouped = jnp.arange(order.shape[0]) < jnp.sum(group_sizes)
-    row_weight = jnp.where(grouped, weights.reshape(-1)[order], 0.0)
+    row_weight = jnp.where(grouped, rearrange(weights, "t k -> (t k)")[order], 0.0)
     contrib = jnp.where(grouped[:, None], y.astype(jnp.float32) * row_weight[:, None], 0.0)
     return jnp.zeros((num_tokens, embed), jnp.float32).at[row_token].add(contrib)
 
 
-def sort_by_expert(experts, valid, num_experts: int):
+def sort_by_expert(experts: Int32[Array, "tokens choices"], valid: Bool[Array, "tokens"], num_experts: int
+                   ) -> tuple[Int32[Array, "tokens*choices"], Int32[Array, "tokens*choices"], Int32[Array, "experts"]]:
     """The (token, choice) pairs grouped by expert. experts [T, k], valid [T] ->
     (order [T*k]: pair indices sorted by expert, padding tokens' pairs last;
     row_token [T*k]: the token of each sorted pair; group_sizes [E]: pairs per expert,
     padding not counted, so a padding token reads no expert)."""
     top_k = experts.shape[1]
-    row_expert = jnp.where(valid[:, None], experts, num_experts).reshape(-1)  # E = nowhere
+    # Pair p = (token p // k, choice p % k); expert E = nowhere.
+    row_expert = rearrange(jnp.where(valid[:, None], experts, num_experts), "t k -> (t k)")
     order = jnp.argsort(row_expert, stable=True)
     group_sizes = jnp.sum(jax.nn.one_hot(row_expert, num_experts, dtype=jnp.int32), axis=0)
     return order, order // top_k, group_sizes
@@ -152,8 +167,6 @@ class MoEMLP(nnx.Module):
     """Router + stacked gated experts (+ Qwen2-MoE's gated shared expert)."""
 
     def __init__(self, spec, make_linear, *, dtype=None, mesh: Mesh | None = None):
-        from .layers import GatedMLP, activation_fn
-
         num_experts, top_k = spec.num_experts, spec.num_experts_per_token
         if num_experts < 1 or not 1 <= top_k <= num_experts:
             raise ValueError(f"a mixture of experts needs num_experts >= 1 and 1 <= num_experts_per_token <= "
@@ -180,7 +193,7 @@ class MoEMLP(nnx.Module):
         else:
             self.shared_expert = self.shared_expert_gate = None
 
-    def __call__(self, x, md):
+    def __call__(self, x: Float[Array, "tokens embed"], md: StepMetadata | None) -> Float[Array, "tokens embed"]:
         num_tokens = x.shape[0]
         logits = self.router(x, md)  # [T, E] in the model dtype, as transformers
         weights, experts = route(logits, self.top_k, self.weight_norm)

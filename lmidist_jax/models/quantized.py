@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Float
 
 from converters.quantized_checkpoint import (QUANT_NAME, QuantizationError, check_in_order, checkpoint_tensors,
                                              convert_module, required_leaves)
@@ -26,6 +27,7 @@ from pallas_kernels import w4a16
 
 from .linear import LINEAR_KINDS, DenseLinear, LinearSpec, param
 from .spec import ModelSpec
+from .step_metadata import StepMetadata
 
 METHODS = ("awq", "gptq", "squeezellm")
 BITS = {"awq": (4,), "gptq": (4, 8), "squeezellm": (4,)}
@@ -223,8 +225,8 @@ class QuantizedLinear(nnx.Module):
         self.perm = param((spec.in_features,), jnp.int32, (None,)) if config.act_order else None
         self.bias = param(spec.out_shape, dtype, spec.axes[1:], **fused) if spec.use_bias else None
 
-    def __call__(self, x, md=None):
-        """x [T, in] -> [T, *out_shape]."""
+    def __call__(self, x: Float[Array, "tokens in_features"], md: StepMetadata | None = None
+                 ) -> Float[Array, "tokens *out_shape"]:
         config = self.config
         if self.perm is not None:
             x = jnp.take(x, self.perm[...], axis=-1)

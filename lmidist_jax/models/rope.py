@@ -7,6 +7,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float32, Int
 
 from .spec import ModelSpec
 
@@ -101,8 +102,9 @@ class RotaryEmbedding:
         self.rotary_dim = spec.rotary_dim or spec.head_dim
         self.interleaved = spec.rope_interleaved
 
-    def cos_sin(self, positions):
-        """positions [T] -> cos, sin [T, rotary_dim // 2] (float32)."""
+    def cos_sin(self, positions: Int[Array, "tokens"]
+                ) -> tuple[Float32[Array, "tokens rotary_half"], Float32[Array, "tokens rotary_half"]]:
+        """cos, sin of each token's position, over rotary_dim // 2 frequencies."""
         pos = positions.astype(jnp.float32)[:, None]
         freqs = pos * jnp.asarray(self.inv_freq)[None, :]
         if self.long_inv_freq is not None:
@@ -110,8 +112,9 @@ class RotaryEmbedding:
             freqs = jnp.where(positions[:, None] >= self.switch_position, long_freqs, freqs)
         return jnp.cos(freqs) * self.attention_scaling, jnp.sin(freqs) * self.attention_scaling
 
-    def apply(self, x, cos, sin):
-        """x [T, heads, head_dim]; rotates the first rotary_dim features of each head."""
+    def apply(self, x: Float[Array, "tokens heads head_dim"], cos: Float32[Array, "tokens rotary_half"],
+              sin: Float32[Array, "tokens rotary_half"]) -> Float[Array, "tokens heads head_dim"]:
+        """Rotates the first rotary_dim features of each head."""
         dtype = x.dtype
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim:]
         rot = rot.astype(jnp.float32)

@@ -9,30 +9,34 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import ArrayLike, Bool, Int32
+
+from pallas_kernels.array_types import pytree_dataclass
 
 
-@jax.tree_util.register_dataclass
+@pytree_dataclass
 @dataclasses.dataclass
 class StepMetadata:
-    """T = token bucket, S = sequence bucket, W = max blocks per sequence.
-    Padding tokens write into trash block 0; their outputs are never read."""
+    """tokens = the token bucket T, seqs = the sequence bucket S, max_blocks = block-table
+    columns W. Host (numpy) or device arrays. Padding tokens write into trash block 0;
+    their outputs are never read."""
 
-    positions: jax.Array       # [T] int32 absolute position of each token
-    slot_mapping: jax.Array    # [T] int32 flat KV slot written by each token
-    token_seq_ids: jax.Array   # [T] int32 row of block_tables for each token
-    block_tables: jax.Array    # [S, W] int32
-    seq_lens: jax.Array        # [S] int32 context length after this step (0 for padding)
-    logits_indices: jax.Array  # [S] int32 token index whose logits each sequence samples from
-    #                            (a verify row: its last known token; its proposals follow it)
-    # [T] int32 LoRA adapter slot of each token (0 = none); None when LoRA is off.
-    lora_slots: jax.Array | None = None
+    positions: Int32[ArrayLike, "tokens"]       # absolute position of each token
+    slot_mapping: Int32[ArrayLike, "tokens"]    # flat KV slot written by each token
+    token_seq_ids: Int32[ArrayLike, "tokens"]   # row of block_tables for each token
+    block_tables: Int32[ArrayLike, "seqs max_blocks"]
+    seq_lens: Int32[ArrayLike, "seqs"]          # context length after this step (0 for padding)
+    # The token index whose logits each sequence samples from (a verify row: its last
+    # known token; its proposals follow it).
+    logits_indices: Int32[ArrayLike, "seqs"]
+    # LoRA adapter slot of each token (0 = none); None when LoRA is off.
+    lora_slots: Int32[ArrayLike, "tokens"] | None = None
     # Encoder-decoder models (T5): each sequence's cross-attention K/V blocks (its second
-    # block table) and its encoder length; None for decoder-only models.
-    cross_block_tables: jax.Array | None = None  # [S, W] int32
-    cross_lens: jax.Array | None = None          # [S] int32 (0 for padding)
+    # block table) and its encoder length (0 for padding); None for decoder-only models.
+    cross_block_tables: Int32[ArrayLike, "seqs max_blocks"] | None = None
+    cross_lens: Int32[ArrayLike, "seqs"] | None = None
     # Static: every token is a decode query, attending through the decode kernel to its
     # sequence's keys up to its own position: a step of decode rows only (one token per
     # sequence, T == S, or a verify step: a sequence's last token and its draft's
@@ -44,14 +48,16 @@ class StepMetadata:
     # `padded_batch_metadata`) or bidirectionally (False: an encoder pass).
     dense_causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
-    def decode_queries(self, block_size: int):
+    def decode_queries(self, block_size: int) -> tuple[Int32[ArrayLike, "tokens max_blocks"],
+                                                       Int32[ArrayLike, "tokens"]]:
         """(block_tables [T, W], context lengths [T]) of each token as its own decode query:
         its sequence's table and its position + 1 (0 for padding, which writes into
         trash block 0). For one token per sequence, the rows' own tables and seq_lens."""
         is_padding = self.slot_mapping < block_size
         return self.block_tables[self.token_seq_ids], jnp.where(is_padding, 0, self.positions + 1)
 
-    def decode_step(self, token_index, seq_lens, active, block_size: int) -> "StepMetadata":
+    def decode_step(self, token_index: Int32[ArrayLike, "seqs"], seq_lens: Int32[ArrayLike, "seqs"],
+                    active: Bool[ArrayLike, "seqs"], block_size: int) -> StepMetadata:
         """The metadata of one decode token per row, computed on the device: row i's token
         sits at position seq_lens[i] - 1 and writes its K/V there (``active`` False: a
         padding row, writing into trash block 0). For the loops inside a step (several

@@ -29,6 +29,7 @@ import re
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+from einops import rearrange
 
 from .spec import ModelSpec
 
@@ -208,7 +209,7 @@ def stacked_experts(param: str, slots: tuple[str, ...] | None = None, *, weight:
             if array.ndim != 2 or array.shape[0] % num_experts:
                 raise ValueError(f"stacked expert tensor for {param} has shape {array.shape}; expected "
                                  f"[{num_experts} x rows, cols]")
-            array = array.reshape(num_experts, array.shape[0] // num_experts, array.shape[1])
+            array = rearrange(array, "(experts rows) cols -> experts rows cols", experts=num_experts)
         if array.shape[0] != num_experts:
             raise ValueError(f"stacked expert tensor for {param} has {array.shape[0]} experts; the model has "
                              f"{num_experts}")
