@@ -79,7 +79,6 @@ class Attention(nnx.Module):
                  alibi_slopes: Float[Array, "heads"] | None, relative_bias: RelativeBias | None = None
                  ) -> tuple[Float[Array, "tokens embed"], tuple[KVPages, KVPages] | None]:
         spec = self.spec
-        num_tokens = x.shape[0]
         group = spec.num_heads // self.num_kv_heads
         qkv = self.qkv_proj(x, md)  # [T, KVH, G + 2, D]
         if kv_cache is not None and self.rope_fusable and (mode := fused_ops_mode(md)):
