@@ -5,7 +5,7 @@ transformers' greedy tokens."""
 import pytest
 import requests
 
-from server_fixtures import ServerThread, build_engine_loop, error_message, parse_json_response, parse_jsonlines
+from server_fixtures import error_message, parse_json_response, parse_jsonlines, serve_in_process
 from t5_models import hf_greedy, make_t5, make_tokenizer
 
 # Few buckets to compile at warm-up: sequences 1, 2; tokens (and encoder tokens) 16, 32.
@@ -18,17 +18,12 @@ def post(url, **kwargs):
 
 @pytest.fixture(scope="module")
 def t5_server(tmp_path_factory):
-    from lmidist_jax.server import create_app
-
     directory = tmp_path_factory.mktemp("t5_server")
     hf = make_t5(directory, "t5_v11")
     make_tokenizer(directory)
-    loop, config = build_engine_loop(directory, **OPTIONS)
-    srv = ServerThread(create_app(loop, config), loop)
-    srv.hf = hf
-    yield srv
-    srv.close()
-    loop.shutdown()
+    for srv in serve_in_process(directory, **OPTIONS):
+        srv.hf = hf
+        yield srv
 
 
 def test_invocations_match_transformers(t5_server):
